@@ -1,0 +1,41 @@
+"""Typed errors. Each message names the bad value, what was expected and how to fix it.
+
+The CLI turns any :class:`FlareError` into one line on stderr and a non-zero exit code.
+"""
+from __future__ import annotations
+
+
+class FlareError(Exception):
+    """Base class of every error flare-rt raises on purpose."""
+
+    exit_code = 1
+
+
+class InputImageError(FlareError):
+    """The input image is missing, unreadable or not a usable CT volume."""
+
+    exit_code = 2
+
+
+class ModelError(FlareError):
+    """A model bundle or nnU-Net model folder is missing, malformed or unsupported."""
+
+    exit_code = 3
+
+
+class BackendUnavailableError(FlareError):
+    """The requested backend or device cannot be used on this machine."""
+
+    exit_code = 4
+
+
+class ExportVerificationError(FlareError):
+    """An exported model disagrees with its PyTorch parent beyond the stated tolerances."""
+
+    exit_code = 5
+
+
+class ConfigError(FlareError):
+    """An option has a value outside its valid range."""
+
+    exit_code = 6

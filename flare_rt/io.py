@@ -1,0 +1,219 @@
+"""Reading and writing images with their geometry (SimpleITK), input validation, DICOM series.
+
+Arrays are in SimpleITK order (z, y, x); ``spacing`` is given in the same order.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+#: Intensity check for CT (Hounsfield units): air must be present (min <= -500 HU) and the volume
+#: must not be implausibly bright (median <= 1500 HU). MR/PET (non-negative) and unrescaled CT fail.
+CT_MIN_AIR_HU = -500.0
+CT_MAX_MEDIAN_HU = 1500.0
+
+
+@dataclass(frozen=True)
+class Volume:
+    array: np.ndarray  # (z, y, x)
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+    reference: object  # SimpleITK.Image holding the geometry (origin, spacing, direction) to write back
+    source: str
+
+    @property
+    def direction(self) -> tuple[float, ...]:
+        return tuple(self.reference.GetDirection())
+
+
+def image_suffix(path: str | Path) -> str:
+    name = str(path).lower()
+    return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), "")
+
+
+def _check_gzip(path: Path) -> None:
+    if not str(path).lower().endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputImageError(f"{path}: corrupt or truncated gzip data ({exc})") from exc
+
+
+def read_image(path: str | Path, series_uid: str | None = None):
+    """Read an image file or a DICOM series directory into a SimpleITK image (no validation)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise InputImageError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return read_dicom_series(path, series_uid)
+    if not os.access(path, os.R_OK):
+        raise InputImageError(f"{path}: not readable (permission denied)")
+    _check_gzip(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        msg = " ".join(str(exc).split())
+        raise InputImageError(f"{path}: cannot read image ({msg[-200:]})") from exc
+
+
+def read_dicom_series(folder: Path, series_uid: str | None = None):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    uids = list(reader.GetGDCMSeriesIDs(str(folder)) or ())
+    if not uids:
+        raise InputImageError(f"{folder}: no DICOM series found in this directory")
+    if series_uid is not None:
+        if series_uid not in uids:
+            raise InputImageError(f"{folder}: series {series_uid} not found; available: {', '.join(uids)}")
+        uid = series_uid
+    else:
+        counts = {u: len(reader.GetGDCMSeriesFileNames(str(folder), u)) for u in uids}
+        uid = max(uids, key=lambda u: counts[u])
+        if len(uids) > 1:
+            log.warning("%s: %d DICOM series (%s); using the largest, %s (%d slices); pass --series UID to choose",
+                        folder, len(uids), ", ".join(f"{u}: {counts[u]}" for u in uids), uid, counts[uid])
+    files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+    check_slice_geometry(folder, files)
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputImageError(f"{folder}: cannot read DICOM series {uid} ({' '.join(str(exc).split())[-200:]})") from exc
+
+
+def check_slice_geometry(folder: Path, files, tol: float = 0.01) -> None:
+    """Reject gantry tilt (slice positions not along the slice normal) and uneven slice gaps."""
+    import SimpleITK as sitk
+
+    if len(files) < 2:
+        raise InputImageError(f"{folder}: the DICOM series has {len(files)} slice; a 3D volume needs several")
+    pos, normal = [], None
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(f)
+        try:
+            r.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputImageError(f"{f}: unreadable DICOM file ({' '.join(str(exc).split())[-150:]})") from exc
+        pos.append(np.array(r.GetOrigin(), dtype=float))
+        if normal is None:
+            d = np.array(r.GetDirection(), dtype=float).reshape(3, 3)
+            normal = np.cross(d[:, 0], d[:, 1])
+    steps = np.diff(np.stack(pos), axis=0)
+    gaps = np.linalg.norm(steps, axis=1)
+    if np.any(gaps < 1e-6):
+        raise InputImageError(f"{folder}: duplicate slice positions in the DICOM series")
+    cosines = np.abs(steps @ normal) / gaps
+    if np.any(cosines < 1 - 1e-4):
+        angle = float(np.degrees(np.arccos(np.clip(cosines.min(), -1, 1))))
+        raise InputImageError(f"{folder}: gantry tilt of {angle:.2f} degrees; resample the series to an "
+                              "orthogonal grid first (e.g. dcm2niix) and pass the NIfTI")
+    if gaps.max() - gaps.min() > tol * gaps.mean() + 1e-3:
+        raise InputImageError(f"{folder}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm; missing "
+                              "slices?); fix the series or convert it to NIfTI with interpolation")
+
+
+def to_volume(image, source: str, force: bool = False) -> Volume:
+    """Validate a SimpleITK image as a 3D CT volume and return its array (float32 copy avoided)."""
+    import SimpleITK as sitk
+
+    dim = image.GetDimension()
+    size = "x".join(str(s) for s in image.GetSize())
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputImageError(f"{source}: {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                              f"({image.GetPixelIDTypeAsString()}); a CT has one")
+    if dim == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+        dim = 3
+    if dim != 3:
+        raise InputImageError(f"{source}: image is {dim}D ({size}); flare-rt segments 3D CT volumes")
+    if min(image.GetSize()) < 2:
+        raise InputImageError(f"{source}: image is {size}, a single slice; flare-rt segments 3D CT volumes")
+    array = sitk.GetArrayFromImage(image)
+    if array.dtype.kind == "f":
+        bad = ~np.isfinite(array)
+        if bad.any():
+            raise InputImageError(f"{source}: {int(bad.sum())} voxels are NaN or infinite; fix or mask them first")
+    if array.dtype.kind not in "iuf":
+        raise InputImageError(f"{source}: pixel type {image.GetPixelIDTypeAsString()} is not numeric")
+    check_ct_intensities(array, source, force)
+    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    if min(spacing) <= 0:
+        raise InputImageError(f"{source}: non-positive spacing {spacing}")
+    ref = _geometry_only(image)
+    return Volume(array=array, spacing=spacing, reference=ref, source=source)  # type: ignore[arg-type]
+
+
+def _geometry_only(image):
+    """A 1-voxel image carrying ``image``'s spacing, origin and direction (no voxel copy kept)."""
+    import SimpleITK as sitk
+
+    ref = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    ref.SetSpacing(image.GetSpacing())
+    ref.SetOrigin(image.GetOrigin())
+    ref.SetDirection(image.GetDirection())
+    return ref
+
+
+def check_ct_intensities(array: np.ndarray, source: str, force: bool) -> None:
+    sample = array.ravel()[:: max(1, array.size // 2_000_000)]
+    lo, med = float(array.min()), float(np.median(sample))
+    if lo > CT_MIN_AIR_HU or med > CT_MAX_MEDIAN_HU:
+        msg = (f"{source}: intensities do not look like CT in Hounsfield units (min {lo:g}, median {med:g}; "
+               f"expected min <= {CT_MIN_AIR_HU:g} and median <= {CT_MAX_MEDIAN_HU:g}); pass --force to segment anyway")
+        if not force:
+            raise InputImageError(msg)
+        log.warning("%s", msg)
+
+
+def load_volume(path: str | Path, series_uid: str | None = None, force: bool = False) -> Volume:
+    return to_volume(read_image(path, series_uid), str(path), force)
+
+
+def write_labels(labels: np.ndarray, reference, path: str | Path) -> Path:
+    """Write uint8 labels with ``reference``'s spacing/origin/direction, atomically (temp + rename)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    suffix = image_suffix(path)
+    if not suffix:
+        raise InputImageError(f"{path}: unknown output format; use one of {', '.join(IMAGE_SUFFIXES)}")
+    img = sitk.GetImageFromArray(np.ascontiguousarray(labels.astype(np.uint8, copy=False)))
+    img.SetSpacing(reference.GetSpacing())
+    img.SetOrigin(reference.GetOrigin())
+    img.SetDirection(reference.GetDirection())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name[: -len(suffix)]}.partial{suffix}")
+    try:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_probabilities(probs: np.ndarray, labels: dict[int, str], path: str | Path) -> Path:
+    """``.npz`` with ``probabilities`` (K, z, y, x) float16 and the label names, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial.npz")
+    np.savez_compressed(tmp, probabilities=probs, label_ids=np.array(sorted(labels)),
+                        label_names=np.array([labels[k] for k in sorted(labels)]))
+    tmp.replace(path)
+    return path

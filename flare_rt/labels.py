@@ -1,0 +1,40 @@
+"""The FLARE23 label table: ids, names and the NSD tolerances of the official evaluation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Label:
+    id: int
+    name: str
+    nsd_tolerance_mm: float | None  # None for background
+
+
+FLARE23_LABELS: tuple[Label, ...] = (
+    Label(0, "background", None),
+    Label(1, "liver", 5.0),
+    Label(2, "right_kidney", 3.0),
+    Label(3, "spleen", 3.0),
+    Label(4, "pancreas", 5.0),
+    Label(5, "aorta", 2.0),
+    Label(6, "ivc", 2.0),
+    Label(7, "right_adrenal", 2.0),
+    Label(8, "left_adrenal", 2.0),
+    Label(9, "gallbladder", 2.0),
+    Label(10, "esophagus", 3.0),
+    Label(11, "stomach", 5.0),
+    Label(12, "duodenum", 7.0),
+    Label(13, "left_kidney", 3.0),
+    Label(14, "tumor", 2.0),
+)
+
+ORGAN_IDS: tuple[int, ...] = tuple(range(1, 14))
+TUMOR_ID = 14
+#: Classes the official script cuts to the z-range of the ground truth before scoring.
+ZRANGE_CUT_IDS: tuple[int, ...] = (5, 6, 10)
+
+NAMES: dict[int, str] = {lab.id: lab.name for lab in FLARE23_LABELS}
+NSD_TOLERANCE_MM: dict[int, float] = {
+    lab.id: lab.nsd_tolerance_mm for lab in FLARE23_LABELS if lab.nsd_tolerance_mm is not None
+}

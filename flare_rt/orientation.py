@@ -1,0 +1,85 @@
+"""Reorientation by axis permutation and flips only (no interpolation).
+
+nnU-Net ignores direction cosines and runs on the stored array order; a bundle whose model expects
+an anatomical orientation (e.g. ``LPS``: x toward patient left, y posterior, z superior, DICOM
+convention) gets the array permuted/flipped to it, and the labels are mapped back exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """For arrays in (z, y, x) order: ``perm`` (np.transpose axes) then flips of the listed axes."""
+
+    perm: tuple[int, int, int]
+    flips: tuple[int, ...]
+
+    @property
+    def identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not self.flips
+
+    def apply(self, array):
+        out = array.transpose(self.perm)
+        for ax in self.flips:
+            out = np.flip(out, ax)
+        return out
+
+    def invert(self, array):
+        for ax in self.flips:
+            array = np.flip(array, ax)
+        inv = tuple(int(i) for i in np.argsort(self.perm))
+        return array.transpose(inv)
+
+    def spacing(self, spacing):
+        return tuple(spacing[p] for p in self.perm)
+
+
+def validate_code(code: str) -> str:
+    code = code.upper()
+    if code == "NONE":
+        return "none"
+    if len(code) != 3 or any(c not in _LETTERS for c in code) or len({_LETTERS[c][0] for c in code}) != 3:
+        raise ConfigError(f"orientation must be 'none' or three letters from L/R, P/A, S/I, one per axis "
+                          f"(e.g. LPS, RAS), got {code!r}")
+    return code
+
+
+def orientation_code(direction) -> str:
+    """Closest DICOM-convention code of a SimpleITK direction (row-major 3x3, columns = index axes)."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    letters = {(0, 1): "L", (0, -1): "R", (1, 1): "P", (1, -1): "A", (2, 1): "S", (2, -1): "I"}
+    used, code = set(), []
+    for j in np.argsort(-np.abs(d).max(axis=0)):  # most decisive axis first, as ITK does
+        order = [p for p in np.argsort(-np.abs(d[:, j])) if p not in used]
+        p = int(order[0])
+        used.add(p)
+        code.append((j, letters[(p, 1 if d[p, j] > 0 else -1)]))
+    return "".join(c for _, c in sorted(code))
+
+
+def plan_reorientation(direction, target: str) -> Reorientation:
+    """How to permute/flip a (z, y, x) array with SimpleITK ``direction`` so that its index axes point
+    as ``target`` says (target letters are for x, y, z)."""
+    if target == "none":
+        return Reorientation((0, 1, 2), ())
+    source = orientation_code(direction)
+    src_axis = {_LETTERS[c][0]: (j, _LETTERS[c][1]) for j, c in enumerate(source)}  # phys -> (sitk axis, sign)
+    perm_sitk, flips_sitk = [], []
+    for k, c in enumerate(target):
+        phys, sign = _LETTERS[c]
+        j, s = src_axis[phys]
+        perm_sitk.append(j)
+        if s != sign:
+            flips_sitk.append(k)
+    # numpy axis i <-> sitk axis 2 - i
+    perm = tuple(2 - perm_sitk[2 - i] for i in range(3))
+    flips = tuple(sorted(2 - k for k in flips_sitk))
+    return Reorientation(perm, flips)  # type: ignore[arg-type]

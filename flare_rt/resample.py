@@ -1,0 +1,144 @@
+"""nnU-Net v2's resampling (``resample_data_or_seg_to_shape``) as array-module-generic functions.
+
+In-plane (or 3D) resizing reproduces ``skimage.transform.resize(order, mode='edge',
+anti_aliasing=False)``: ``ndimage.zoom(grid_mode=True, mode='nearest')`` clipped to the input's range.
+Along a low-resolution axis (spacing anisotropy > 3) nnU-Net resizes slice by slice and then
+interpolates along z with ``order_z``; with ``order_z == 0`` that is a pure slice selection, so we
+select first and resize only the slices that are kept (identical result, fewer slices).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bundle import ResamplingRule
+from .xp import array_module, ndimage_module
+
+
+@dataclass(frozen=True)
+class ResamplePlan:
+    """How to go from ``in_shape`` to ``out_shape`` (3D, network axis order)."""
+
+    in_shape: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+    separate_axis: int | None  # low-resolution axis resampled separately, or None for 3D resizing
+    order: int
+    order_z: int
+
+    @property
+    def identity(self) -> bool:
+        return self.in_shape == self.out_shape
+
+
+def separate_z_axis(current_spacing, new_spacing, rule: ResamplingRule) -> int | None:
+    """nnU-Net's ``determine_do_sep_z_and_axis``."""
+    def lowres_axes(sp):
+        sp = np.asarray(sp, dtype=float)
+        return np.where(max(sp) / sp == 1)[0]
+
+    def aniso(sp):
+        return (np.max(sp) / np.min(sp)) > rule.anisotropy_threshold
+
+    if rule.force_separate_z is not None:
+        axes = lowres_axes(current_spacing) if rule.force_separate_z else None
+    elif aniso(current_spacing):
+        axes = lowres_axes(current_spacing)
+    elif aniso(new_spacing):
+        axes = lowres_axes(new_spacing)
+    else:
+        axes = None
+    if axes is None or len(axes) != 1:
+        return None
+    return int(axes[0])
+
+
+def make_plan(in_shape, out_shape, current_spacing, new_spacing, rule: ResamplingRule, probabilities: bool) -> ResamplePlan:
+    order, order_z = (rule.prob_order, rule.prob_order_z) if probabilities else (rule.data_order, rule.data_order_z)
+    return ResamplePlan(tuple(int(s) for s in in_shape), tuple(int(s) for s in out_shape),
+                        separate_z_axis(current_spacing, new_spacing, rule), order, order_z)
+
+
+def resize_skimage(x, out_shape, order: int, out_dtype=None):
+    """``skimage.transform.resize(x, out_shape, order, mode='edge', anti_aliasing=False)`` on numpy or CuPy."""
+    xp = array_module(x)
+    ndi = ndimage_module(xp)
+    out_shape = tuple(int(s) for s in out_shape)
+    if tuple(x.shape) == out_shape:
+        return x.astype(out_dtype or x.dtype, copy=False)
+    factors = np.divide(x.shape, out_shape)
+    zoom = [1 / f for f in factors]
+    if order == 0:
+        out = ndi.zoom(x, zoom, order=0, mode="nearest", grid_mode=True)
+    else:
+        out = ndi.zoom(x, zoom, order=order, mode="nearest", grid_mode=True)
+        xp.clip(out, x.min(), x.max(), out=out)
+    return out.astype(out_dtype or x.dtype, copy=False)
+
+
+def z_source_index(n_in: int, n_out: int, xp=np):
+    """Nearest source slice of each output slice as nnU-Net's map_coordinates(order=0, mode='nearest'):
+    coordinate = scale * (k + 0.5) - 0.5, rounded half up, clamped."""
+    scale = float(n_in) / n_out
+    coord = scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5
+    idx = np.clip(np.floor(coord + 0.5), 0, n_in - 1).astype(np.int64)
+    return idx if xp is np else xp.asarray(idx)
+
+
+def z_linear_weights(n_in: int, n_out: int):
+    """Linear interpolation along z (order_z == 1): lower index, upper index, upper weight."""
+    scale = float(n_in) / n_out
+    coord = np.clip(scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5, 0, n_in - 1)
+    lo = np.floor(coord).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, coord - lo
+
+
+def _move(x, axis: int):
+    """View with ``axis`` (of the last three) moved to the front of the spatial axes."""
+    xp = array_module(x)
+    return xp.moveaxis(x, x.ndim - 3 + axis, x.ndim - 3)
+
+
+def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64):
+    """Resample (C, Z, Y, X) ``data`` to ``plan.out_shape`` exactly as nnU-Net's resample_data_or_seg
+    (``compute_dtype`` float64 as nnU-Net; float32 is the fast path)."""
+    xp = array_module(data)
+    out_dtype = out_dtype or data.dtype
+    if plan.identity:
+        return data.astype(out_dtype, copy=False)
+    c = data.shape[0]
+    out = xp.empty((c, *plan.out_shape), dtype=out_dtype)
+    if plan.separate_axis is None:
+        for ch in range(c):
+            out[ch] = resize_skimage(data[ch].astype(compute_dtype, copy=False), plan.out_shape, plan.order, out_dtype)
+        return out
+    ax = plan.separate_axis
+    n_in, n_out = plan.in_shape[ax], plan.out_shape[ax]
+    plane = tuple(s for i, s in enumerate(plan.out_shape) if i != ax)
+    src = _move(data, ax)
+    dst = _move(out, ax)
+    for ch in range(c):
+        if plan.order_z == 0 or n_in == n_out:
+            idx = z_source_index(n_in, n_out) if n_in != n_out else np.arange(n_out)
+            done: dict[int, object] = {}
+            for k, s in enumerate(idx.tolist()):
+                if s not in done:
+                    done[s] = resize_skimage(src[ch, s].astype(compute_dtype, copy=False), plane, plan.order, out_dtype)
+                dst[ch, k] = done[s]
+                if k + 1 < n_out and idx[k + 1] != s:
+                    done.pop(s)
+        else:
+            planes = xp.stack([resize_skimage(src[ch, s].astype(compute_dtype, copy=False), plane, plan.order,
+                                              compute_dtype) for s in range(n_in)])
+            lo, hi, w = z_linear_weights(n_in, n_out)
+            w = xp.asarray(w.reshape(-1, 1, 1))
+            dst[ch] = ((1 - w) * planes[lo] + w * planes[hi]).astype(out_dtype)
+    return out
+
+
+def upsample_labels_nearest(labels, out_shape):
+    """Nearest-neighbour label resampling with pixel-centre alignment (fast mode), by index gathering."""
+    xp = array_module(labels)
+    idx = [z_source_index(n_in, n_out, xp) for n_in, n_out in zip(labels.shape, out_shape)]
+    return labels[idx[0]][:, idx[1]][:, :, idx[2]]

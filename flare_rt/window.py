@@ -1,0 +1,189 @@
+"""Sliding-window inference: tile placement, Gaussian importance map and blending, as nnU-Net v2.
+
+The network is any callable ``(B, C, *patch) array -> (B, K, *patch) array`` of the input's array
+module (numpy or CuPy): the strategy knows nothing about backends. Blending streams: tiles are run
+in order of their z start, and once no later tile can touch a block of rows, that block is
+normalised and yielded, so the full (K, Z, Y, X) logits never need to exist at once.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import ConfigError
+from .xp import array_module
+
+log = logging.getLogger(__name__)
+
+Network = Callable[[object], object]
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    patch_size: tuple[int, int, int]
+    step: float = 0.5
+    batch_size: int = 1
+    mirror_axes: tuple[int, ...] = ()  # TTA: all flip combinations over these spatial axes
+    gaussian: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.step <= 1:
+            raise ConfigError(f"tile step must be in (0, 1], got {self.step}; 0.5 is nnU-Net's default")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if any(a not in (0, 1, 2) for a in self.mirror_axes):
+            raise ConfigError(f"mirror axes must be among (0, 1, 2), got {self.mirror_axes}")
+
+
+def compute_steps(image_size, tile_size, step: float) -> list[list[int]]:
+    """nnU-Net's ``compute_steps_for_sliding_window``: n = ceil((size - tile) / (tile * step)) + 1
+    tiles per axis, evenly spaced over [0, size - tile] and rounded."""
+    steps = []
+    for size, tile in zip(image_size, tile_size):
+        n = int(np.ceil((size - tile) / (tile * step))) + 1
+        span = size - tile
+        actual = span / (n - 1) if n > 1 else 99999999999
+        steps.append([int(np.round(actual * i)) for i in range(n)])
+    return steps
+
+
+@lru_cache(maxsize=4)
+def _gaussian_np(tile: tuple[int, ...], sigma_scale: float, value_scaling: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    tmp = np.zeros(tile)
+    tmp[tuple(t // 2 for t in tile)] = 1
+    g = gaussian_filter(tmp, [t * sigma_scale for t in tile], 0, mode="constant", cval=0)
+    g /= np.max(g) / value_scaling
+    g = g.astype(np.float32)
+    g[g == 0] = g[g > 0].min()  # zeros would give NaN where only one tile covers a voxel
+    g.setflags(write=False)
+    return g
+
+
+def gaussian_map(tile, xp=np, sigma_scale: float = 1.0 / 8, value_scaling: float = 10.0):
+    """nnU-Net's importance map: sigma = tile/8, max scaled to 10, zeros replaced by the smallest value."""
+    g = _gaussian_np(tuple(int(t) for t in tile), sigma_scale, value_scaling)
+    return g if xp is np else xp.asarray(g)
+
+
+def pad_to_patch(image, patch):
+    """Zero-pad (C, Z, Y, X) to at least ``patch`` (symmetric, as acvl_utils.pad_nd_image);
+    returns the padded array and the slices that undo the padding."""
+    xp = array_module(image)
+    spatial = image.shape[1:]
+    pads = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(spatial, patch)]
+    if not any(a or b for a, b in pads):
+        return image, tuple(slice(0, s) for s in spatial)
+    out = xp.pad(image, [(0, 0), *pads], mode="constant", constant_values=0)
+    return out, tuple(slice(a, a + s) for (a, _), s in zip(pads, spatial))
+
+
+def _predict(network: Network, batch, mirror_axes: tuple[int, ...]):
+    """Network output, averaged over all flip combinations of ``mirror_axes`` (nnU-Net's TTA)."""
+    xp = array_module(batch)
+    pred = network(batch)
+    if mirror_axes:
+        combos = [c for i in range(len(mirror_axes)) for c in itertools.combinations(mirror_axes, i + 1)]
+        for axes in combos:
+            ax = tuple(a + 2 for a in axes)
+            pred = pred + xp.flip(network(xp.ascontiguousarray(xp.flip(batch, ax))), ax)
+        pred = pred / (len(combos) + 1)
+    return pred
+
+
+def tile_origins(shape, cfg: WindowConfig) -> list[tuple[int, int, int]]:
+    steps = compute_steps(shape, cfg.patch_size, cfg.step)
+    return [tuple(o) for o in itertools.product(*steps)]  # z-major, as nnU-Net
+
+
+def sliding_window_blocks(image, network: Network, num_classes: int, cfg: WindowConfig,
+                          keep_tile: Callable[[tuple[int, int, int]], bool] | None = None,
+                          progress=None) -> Iterator[tuple[int, int, object]]:
+    """Yield ``(z0, z1, logits[:, z0:z1])`` blocks of the blended float32 logits of a (C, Z, Y, X)
+    image, in order, covering all rows. ``keep_tile(origin)`` may skip tiles (fast mode): rows no
+    kept tile covers get logits 0 with background 1 (certain background)."""
+    xp = array_module(image)
+    padded, unpad = pad_to_patch(image, cfg.patch_size)
+    shape = padded.shape[1:]
+    pz, py, px = cfg.patch_size
+    origins = tile_origins(shape, cfg)
+    if keep_tile is not None:
+        kept = [o for o in origins if keep_tile(o)]
+        log.info("sliding window: %d of %d tiles hold the region of interest", len(kept), len(origins))
+        origins = kept
+    gauss = gaussian_map(cfg.patch_size, xp) if cfg.gaussian else xp.ones(cfg.patch_size, dtype=xp.float32)
+    z_starts = sorted({o[0] for o in origins})
+    by_z = {z: [o for o in origins if o[0] == z] for z in z_starts}
+    # rolling buffer over padded rows [lo, lo + depth)
+    depth = pz  # tiles start at the first row not yet emitted, so one patch depth suffices
+    acc = xp.zeros((num_classes, depth, *shape[1:]), dtype=xp.float32)
+    wsum = xp.zeros((depth, *shape[1:]), dtype=xp.float32)
+    lo = 0  # first padded row not yet emitted
+    z_lo, z_hi = unpad[0].start, unpad[0].stop
+
+    def emit(upto: int):
+        nonlocal lo
+        a, b = max(lo, z_lo), min(upto, z_hi)
+        if b > a:
+            blk = acc[:, a - lo:b - lo]
+            w = wsum[a - lo:b - lo]
+            out = xp.where(w > 0, blk / xp.maximum(w, 1e-30), 0).astype(xp.float32)
+            if keep_tile is not None:
+                empty = w == 0
+                if bool(empty.any()):
+                    out[0][empty] = 1.0
+            yield a - z_lo, b - z_lo, out[(slice(None), slice(None), unpad[1], unpad[2])]
+        n = upto - lo
+        # shift the buffer by n rows
+        if n >= depth:
+            acc[:] = 0
+            wsum[:] = 0
+        elif n > 0:
+            acc[:, :depth - n] = acc[:, n:].copy()
+            acc[:, depth - n:] = 0
+            wsum[:depth - n] = wsum[n:].copy()
+            wsum[depth - n:] = 0
+        lo = upto
+
+    batch_imgs, batch_orig = [], []
+
+    def flush_batch():
+        if not batch_imgs:
+            return
+        pred = _predict(network, xp.stack(batch_imgs), cfg.mirror_axes)
+        for p, (z, y, x) in zip(pred, batch_orig):
+            acc[:, z - lo:z - lo + pz, y:y + py, x:x + px] += p * gauss
+            wsum[z - lo:z - lo + pz, y:y + py, x:x + px] += gauss
+        if progress is not None:
+            progress(len(batch_imgs))
+        batch_imgs.clear()
+        batch_orig.clear()
+
+    for i, z in enumerate(z_starts):
+        if z + pz - lo > depth:  # should not happen: depth covers the largest step
+            yield from emit(z)
+        for o in by_z[z]:
+            batch_imgs.append(padded[:, o[0]:o[0] + pz, o[1]:o[1] + py, o[2]:o[2] + px])
+            batch_orig.append(o)
+            if len(batch_imgs) == cfg.batch_size:
+                flush_batch()
+        flush_batch()
+        nxt = z_starts[i + 1] if i + 1 < len(z_starts) else shape[0]
+        yield from emit(nxt)
+    if lo < shape[0]:
+        yield from emit(shape[0])
+
+
+def sliding_window(image, network: Network, num_classes: int, cfg: WindowConfig, keep_tile=None, progress=None):
+    """The whole (K, Z, Y, X) float32 logits (convenience over :func:`sliding_window_blocks`)."""
+    xp = array_module(image)
+    out = xp.empty((num_classes, *image.shape[1:]), dtype=xp.float32)
+    for z0, z1, blk in sliding_window_blocks(image, network, num_classes, cfg, keep_tile, progress):
+        out[:, z0:z1] = blk
+    return out
