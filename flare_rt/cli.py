@@ -41,7 +41,7 @@ def _output_path(src: Path, dst: Path) -> Path:
     if image_suffix(dst):
         return dst
     if src.is_dir():  # a DICOM series: .nii.gz by default
-        return dst.with_name(dst.name + ".nii.gz") if not dst.is_dir() else dst / f"{src.name}.nii.gz"
+        return dst.with_name(dst.name + ".nii.gz") if not dst.is_dir() else dst / f"{src.resolve().name}.nii.gz"
     raise InputImageError(f"{dst}: unknown output format; end OUT with one of .nii.gz, .nii, .mha, .nrrd")
 
 
@@ -50,11 +50,12 @@ def cmd_segment(args) -> int:
 
     from .backends import create_backend
     from .bundle import Bundle
-    from .pipeline import SegmentOptions, Segmenter
+    from .pipeline import SegmentOptions, Segmenter, parse_fast_options
 
     src, dst = Path(args.input), Path(args.output)
     options = SegmentOptions(mode=args.mode, step=args.step, tta=args.tta, batch_size=args.batch_size,
-                             save_probabilities=args.save_probabilities, force=args.force, series_uid=args.series)
+                             save_probabilities=args.save_probabilities, force=args.force, series_uid=args.series,
+                             fast=parse_fast_options(args.fast_option))
     folder = _is_case_folder(src)
     if not src.exists():
         raise InputImageError(f"{src}: no such file or directory")
@@ -72,7 +73,9 @@ def cmd_segment(args) -> int:
              backend.describe(), options.mode)
     if not folder:
         probs = dst.with_name(dst.name.split(".")[0] + ".npz") if args.save_probabilities else None
-        seg.segment_file(src, dst, probs)
+        pred = seg.segment_file(src, dst, probs)
+        if args.report:
+            _write_report(args.report, src, dst, pred, backend, options, time.perf_counter() - t0)
         return 0
     cases = sorted(src.glob("*_0000.nii.gz"))
     dst.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,15 @@ def cmd_segment(args) -> int:
             sys.stderr.write(f"  {case.name}: {why}\n")
         return 1
     return 0
+
+
+def _write_report(path, src, dst, pred, backend, options, total: float) -> None:
+    import json
+
+    report = {"input": str(src), "output": str(dst), "mode": options.mode, "backend": backend.describe(),
+              "timings_s": {**pred.timings, "model_load": total - sum(pred.timings.values())},
+              "total_s": total, "tiles": pred.tiles, "network_shape": list(pred.network_shape)}
+    Path(path).write_text(json.dumps(report, indent=1))
 
 
 # -- info / import / export --------------------------------------------------------------------------
@@ -174,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.add_argument("--force", action="store_true", help="segment images whose intensities do not look like CT")
     s.add_argument("--series", help="DICOM SeriesInstanceUID to use when a folder holds several")
+    s.add_argument("--fast-option", action="append", metavar="KEY=VALUE",
+                   help="tune fast mode: roi=0/1, body_threshold_hu, body_margin, step, label_upsampling=0/1, "
+                        "compute_dtype=float32/float64 (repeatable)")
+    s.add_argument("--report", help="write stage timings and tile counts of a single-file run as JSON")
     common(s)
     s.set_defaults(func=cmd_segment)
 

@@ -65,10 +65,24 @@ def read_image(path: str | Path, series_uid: str | None = None):
         raise InputImageError(f"{path}: not readable (permission denied)")
     _check_gzip(path)
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         msg = " ".join(str(exc).split())
         raise InputImageError(f"{path}: cannot read image ({msg[-200:]})") from exc
+    if image_suffix(path) in (".nii", ".nii.gz") and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        bad = _nifti_nonfinite(path)
+        if bad:
+            raise InputImageError(f"{path}: {bad} voxels are NaN or infinite; fix or mask them first")
+    return image
+
+
+def _nifti_nonfinite(path: Path) -> int:
+    """NaN/inf voxels of a float NIfTI file, read with nibabel: ITK's NIfTI reader silently replaces
+    them with 0, so the check in :func:`to_volume` would never see them."""
+    import nibabel
+
+    data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    return int(np.count_nonzero(~np.isfinite(data)))
 
 
 def read_dicom_series(folder: Path, series_uid: str | None = None):
@@ -199,6 +213,9 @@ def write_labels(labels: np.ndarray, reference, path: str | Path) -> Path:
     img.SetOrigin(reference.GetOrigin())
     img.SetDirection(reference.GetDirection())
     path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix in (".mhd", ".nhdr"):  # the header names its data file: a temp name would stay in it
+        sitk.WriteImage(img, str(path), useCompression=True)
+        return path
     tmp = path.with_name(f".{path.name[: -len(suffix)]}.partial{suffix}")
     try:
         sitk.WriteImage(img, str(tmp), useCompression=True)

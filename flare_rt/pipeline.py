@@ -16,7 +16,7 @@ from .bundle import Bundle
 from .errors import ConfigError
 from .io import Volume, load_volume, write_labels, write_probabilities
 from .orientation import plan_reorientation
-from .postprocess import labels_faithful, labels_fast
+from .postprocess import labels_faithful, labels_refined
 from .preprocess import CropInfo, body_crop, compute_new_shape, ct_normalize, nonzero_crop, paste
 from .resample import make_plan, resample, upsample_labels_nearest
 from .window import WindowConfig, sliding_window_blocks, tile_origins, pad_to_patch
@@ -30,11 +30,34 @@ MODES = ("faithful", "fast")
 class FastOptions:
     """What fast mode changes, each measured in bench/run.py against faithful mode."""
 
-    body_threshold_hu: float = -500.0  # ROI: crop to voxels above this (the body), skip tiles without any
-    body_margin: int = 4  # voxels added around the body box (input grid)
+    roi: bool = True  # skip tiles that hold no body voxel (nnU-Net's tile grid is kept)
+    roi_crop: bool = False  # also crop to the body box (moves the resampling grid: measured in bench/)
+    body_threshold_hu: float = -500.0  # body = voxels above this
+    body_margin: int = 4  # voxels added around the body box (input grid), with roi_crop
     step: float = 0.5  # tile step (nnU-Net: 0.5)
-    label_upsampling: bool = True  # argmax at network resolution, nearest-neighbour label upsampling
+    label_upsampling: bool = True  # labels of the resampled logits computed at label-upsampling cost
     compute_dtype: str = "float32"  # image resampling arithmetic (nnU-Net: float64)
+
+
+def parse_fast_options(items: list[str] | None) -> FastOptions:
+    """``["roi=0", "step=0.6"]`` → FastOptions (the CLI's ``--fast-option KEY=VALUE``)."""
+    fields = FastOptions.__dataclass_fields__
+    kw = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ConfigError(f"--fast-option takes KEY=VALUE with KEY in {sorted(fields)}, got {item!r}")
+        typ = type(getattr(FastOptions(), key))
+        if typ is bool:
+            if value.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                raise ConfigError(f"--fast-option {key} takes 0/1, got {value!r}")
+            kw[key] = value.lower() in ("1", "true", "yes")
+        else:
+            try:
+                kw[key] = typ(value)
+            except ValueError as exc:
+                raise ConfigError(f"--fast-option {key} takes a {typ.__name__}, got {value!r}") from exc
+    return FastOptions(**kw)
 
 
 @dataclass(frozen=True)
@@ -103,7 +126,7 @@ class Segmenter:
             arr = reo.apply(volume.array).transpose(meta.transpose_forward)
             spacing = tuple(reo.spacing(volume.spacing)[i] for i in meta.transpose_forward)
             crop = nonzero_crop(arr) if meta.crop_nonzero else CropInfo(arr.shape, tuple((0, s) for s in arr.shape))
-            if fast:
+            if fast and opts.fast.roi_crop:
                 crop = body_crop(arr, opts.fast.body_threshold_hu, opts.fast.body_margin, crop)
             cropped = arr[crop.slices]
             data = ct_normalize(cropped, meta.normalization)[None]
@@ -111,7 +134,7 @@ class Segmenter:
             plan = make_plan(crop.shape_after, net_shape, spacing, meta.spacing, meta.resampling, probabilities=False)
             cdt = np.float32 if fast and opts.fast.compute_dtype == "float32" else np.float64
             data = resample(data, plan, out_dtype=np.float32, compute_dtype=cdt)
-            keep = self._tile_filter(cropped, net_shape) if fast else None
+            keep = self._tile_filter(cropped, net_shape) if fast and opts.fast.roi else None
         net_time = [0.0]
         n_tiles = [0]
 
@@ -124,10 +147,12 @@ class Segmenter:
 
         with timer("window+export"):
             blocks = sliding_window_blocks(data, network, meta.num_classes, self.window, keep_tile=keep)
-            if fast and opts.fast.label_upsampling:
-                labels, probs = labels_fast(blocks, net_shape, crop.shape_after, opts.save_probabilities)
+            back = make_plan(net_shape, crop.shape_after, meta.spacing, spacing, meta.resampling, probabilities=True)
+            refined = (fast and opts.fast.label_upsampling and not opts.save_probabilities
+                       and back.separate_axis == 0 and back.order == 1 and back.order_z == 0)
+            if refined:
+                labels, probs = labels_refined(blocks, back), None
             else:
-                back = make_plan(net_shape, crop.shape_after, meta.spacing, spacing, meta.resampling, probabilities=True)
                 labels, probs = labels_faithful(blocks, back, meta.num_classes, opts.save_probabilities)
         timer.t["network"] = net_time[0]
         timer.t["window+export"] -= net_time[0]

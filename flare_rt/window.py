@@ -128,28 +128,26 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
     z_lo, z_hi = unpad[0].start, unpad[0].stop
 
     def emit(upto: int):
+        """Yield the finished padded rows [lo, upto) (in chunks of at most ``depth``) and shift the buffer."""
         nonlocal lo
-        a, b = max(lo, z_lo), min(upto, z_hi)
-        if b > a:
-            blk = acc[:, a - lo:b - lo]
-            w = wsum[a - lo:b - lo]
-            out = xp.where(w > 0, blk / xp.maximum(w, 1e-30), 0).astype(xp.float32)
-            if keep_tile is not None:
-                empty = w == 0
-                if bool(empty.any()):
-                    out[0][empty] = 1.0
-            yield a - z_lo, b - z_lo, out[(slice(None), slice(None), unpad[1], unpad[2])]
-        n = upto - lo
-        # shift the buffer by n rows
-        if n >= depth:
-            acc[:] = 0
-            wsum[:] = 0
-        elif n > 0:
-            acc[:, :depth - n] = acc[:, n:].copy()
+        while lo < upto:
+            n = min(upto - lo, depth)
+            a, b = max(lo, z_lo), min(lo + n, z_hi)
+            if b > a:
+                blk = acc[:, a - lo:b - lo]
+                w = wsum[a - lo:b - lo]
+                out = xp.where(w > 0, blk / xp.maximum(w, 1e-30), 0).astype(xp.float32)
+                if keep_tile is not None:
+                    empty = w == 0
+                    if bool(empty.any()):
+                        out[0][empty] = 1.0
+                yield a - z_lo, b - z_lo, out[(slice(None), slice(None), unpad[1], unpad[2])]
+            if n < depth:
+                acc[:, :depth - n] = acc[:, n:].copy()
+                wsum[:depth - n] = wsum[n:].copy()
             acc[:, depth - n:] = 0
-            wsum[:depth - n] = wsum[n:].copy()
             wsum[depth - n:] = 0
-        lo = upto
+            lo += n
 
     batch_imgs, batch_orig = [], []
 
@@ -158,7 +156,8 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
             return
         pred = _predict(network, xp.stack(batch_imgs), cfg.mirror_axes)
         for p, (z, y, x) in zip(pred, batch_orig):
-            acc[:, z - lo:z - lo + pz, y:y + py, x:x + px] += p * gauss
+            p *= gauss
+            acc[:, z - lo:z - lo + pz, y:y + py, x:x + px] += p
             wsum[z - lo:z - lo + pz, y:y + py, x:x + px] += gauss
         if progress is not None:
             progress(len(batch_imgs))

@@ -14,10 +14,13 @@ Rules and rounding: :mod:`flare_rt.evaluate.metrics`; surfaces: :mod:`flare_rt.e
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +38,9 @@ from flare_rt.evaluate.metrics import (
 )
 from flare_rt.evaluate.surface import surface_area_table, surface_dice
 from flare_rt.labels import NAMES, TUMOR_ID
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 __all__ = [
     "DEFAULT_DSC_CUTOFF",
@@ -100,15 +106,21 @@ def case_name(path: Path) -> str:
     return path.stem
 
 
-def _read_image(path: Path):  # -> SimpleITK.Image
+def _read_image(path: Path) -> sitk.Image:
     import SimpleITK as sitk
 
     if not path.is_file():
         raise InputImageError(f"label image {path} does not exist; check the path")
+    if path.name.endswith(".gz"):
+        _check_gzip(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "unreadable")
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next(
+            (ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln),
+            lines[-1] if lines else "unreadable",
+        )
         raise InputImageError(
             f"cannot read label image {path} ({reason[:200]}); is it a valid, complete "
             "NIfTI file?"
@@ -122,7 +134,19 @@ def _read_image(path: Path):  # -> SimpleITK.Image
     return image
 
 
-def _label_array(image, path: Path) -> np.ndarray:
+def _check_gzip(path: Path) -> None:
+    """Decompress the whole stream once: ITK reads a truncated .gz without complaint."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputImageError(
+            f"label image {path} is not a complete gzip file ({exc}); copy or write it again"
+        ) from None
+
+
+def _label_array(image: sitk.Image, path: Path) -> np.ndarray:
     """The voxels as an integer array indexed (x, y, z), checked to hold whole, non-negative labels."""
     import SimpleITK as sitk
 
@@ -153,7 +177,7 @@ def read_label_map(path: str | Path) -> LabelMap:
     return LabelMap(_label_array(image, path), tuple(image.GetSpacing()), path)  # type: ignore[arg-type]
 
 
-def _geometry_mismatch(pred, gt) -> str | None:
+def _geometry_mismatch(pred: sitk.Image, gt: sitk.Image) -> str | None:
     """What differs between the grids of two images, or None when they match."""
     if pred.GetSize() != gt.GetSize():
         return f"size {pred.GetSize()} vs {gt.GetSize()}"
@@ -168,7 +192,7 @@ def _geometry_mismatch(pred, gt) -> str | None:
     return None
 
 
-def _resample_onto(pred, gt):
+def _resample_onto(pred: sitk.Image, gt: sitk.Image) -> sitk.Image:
     """Nearest-neighbour resampling of ``pred`` onto the grid of ``gt`` in physical space."""
     import SimpleITK as sitk
 

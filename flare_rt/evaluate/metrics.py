@@ -172,26 +172,26 @@ def score_class(
         return ClassScore(class_id, 1.0, 1.0)
     if gt_box is None or pred_box is None:
         return ClassScore(class_id, 0.0, 0.0)
-    whole: Box = tuple(slice(0, n) for n in gt.shape)  # type: ignore[assignment]
-    region = zrange_slab(gt_box, gt.shape, options.inclusive_zrange) if class_id in ZRANGE_CUT_IDS else whole
+    region: Box = tuple(slice(0, n) for n in gt.shape)  # type: ignore[assignment]
+    if class_id in ZRANGE_CUT_IDS:
+        region = zrange_slab(gt_box, gt.shape, options.inclusive_zrange)
     candidate = _intersect(_union(gt_box, pred_box), region)
-    occupied = None
-    if candidate is not None:
-        g, p = gt[candidate] == class_id, pred[candidate] == class_id
-        occupied = _tight_box(g | p, candidate)
-    if occupied is None:  # a one-slice GT after the official z cut: 0 / 0 in the official code
+    if candidate is None:  # one-slice GT, empty after the official cut: 0 / 0 in the official code
         log.warning(
             "class %d (%s): the ground truth is one slice thick, empty after the official z cut; "
             "DSC and NSD are NaN as in the official script (use --inclusive-zrange to keep it)",
             class_id, NAMES[class_id],
         )
         return ClassScore(class_id, float("nan"), float("nan"))
+    occupied: Box | None = candidate  # the union of the two boxes: tight, unless cut in z
+    if class_id in ZRANGE_CUT_IDS:
+        occupied = _tight_box((gt[candidate] == class_id) | (pred[candidate] == class_id), candidate)
+    assert occupied is not None  # the GT's lowest slice is in the region
+    tolerance = NSD_TOLERANCE_MM[class_id]
+    box = class_box(occupied, nsd_margin(tolerance, spacing), region)
+    g, p = gt[box] == class_id, pred[box] == class_id  # every voxel of both masks in the region
     dsc = dice(g, p)
-    nsd = 0.0
-    if not dsc < options.dsc_cutoff:
-        tolerance = NSD_TOLERANCE_MM[class_id]
-        box = class_box(occupied, nsd_margin(tolerance, spacing), region)
-        nsd = surface_dice(gt[box] == class_id, pred[box] == class_id, spacing, tolerance)
+    nsd = surface_dice(g, p, spacing, tolerance) if not dsc < options.dsc_cutoff else 0.0
     return ClassScore(class_id, round4(dsc), round4(nsd))
 
 

@@ -52,7 +52,7 @@ def render_markdown(summary: Summary, options: EvaluationOptions) -> str:
         f"- cases: {summary.n_cases}"
         + (f" ({len(summary.missing)} without a prediction, scored as empty)" if summary.missing else ""),
         f"- NSD = 0 when DSC < {options.dsc_cutoff:g}; z-range cut of {zcut}: {zrange}",
-        "- values: mean ± std over cases (per-case values rounded to 4 decimals); organs: mean of "
+        "- values: mean ± population std over cases (per-case values rounded to 4 decimals); organs: mean of "
         "the organ class means, std over cases of each case's organ mean",
         "",
         "| | DSC | NSD |",

@@ -11,6 +11,7 @@ from scipy import ndimage
 from flare_rt.evaluate.reference import KERNEL, reference_surface_dice
 from flare_rt.evaluate.surface import (
     corner_bit,
+    distances_at,
     neighbour_code_normals,
     neighbour_codes,
     surface_area_table,
@@ -92,6 +93,15 @@ def test_neighbour_codes_match_deepmind_correlation():
     mask = rng.random((9, 7, 8)) < 0.4
     expected = ndimage.correlate(np.pad(mask.astype(np.uint8), ((0, 1),) * 3), KERNEL, mode="constant")
     assert np.array_equal(neighbour_codes(mask), expected)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 0.8, 2.5), (0.7, 1.3, 2.9)])
+def test_distances_at_points_equal_the_distance_map_bit_for_bit(spacing):
+    rng = np.random.default_rng(3)
+    features = rng.random((23, 19, 11)) < 0.02
+    points = np.nonzero(rng.random(features.shape) < 0.3)
+    expected = ndimage.distance_transform_edt(~features, sampling=spacing)[points]
+    assert np.array_equal(distances_at(points, features, spacing), expected)
 
 
 def sphere(shape, center, radius_mm, spacing):

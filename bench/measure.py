@@ -1,0 +1,219 @@
+"""Measurement helpers of bench/run.py: a monitored subprocess (wall time, peak RSS of the whole
+process tree), label-map agreement, and a description of the machine and software."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("bench.measure")
+
+SAMPLE_INTERVAL_S = 0.05
+SAMPLER_METHOD = (f"psutil: sum of memory_info().rss over the process and all its descendants "
+                  f"(children(recursive=True)), polled every {SAMPLE_INTERVAL_S} s; peak = max of the samples. "
+                  "Cross-check ru_maxrss_gb: getrusage of the reaped child via wait4 (largest single process "
+                  "of the tree, not a sum).")
+
+
+# -- monitored subprocess ------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    cmd: list[str]
+    returncode: int | None = None
+    wall_s: float | None = None
+    peak_rss_bytes: int = 0
+    ru_maxrss_bytes: int | None = None
+    cpu_s: float | None = None  # user + system of the process and its reaped descendants
+    n_samples: int = 0
+    max_processes: int = 0
+    timed_out: bool = False
+    stderr_tail: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+def _tree_rss(proc) -> tuple[int, int]:
+    """Summed RSS (bytes) and process count of ``proc`` and all its descendants; vanished ones skipped."""
+    import psutil
+
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return 0, 0
+    total = n = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+            n += 1
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+    return total, n
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def run_monitored(cmd: list[str], log_prefix: Path, env: dict | None = None, cwd: str | Path | None = None,
+                  timeout_s: float = 3600.0, interval_s: float = SAMPLE_INTERVAL_S) -> RunResult:
+    """Run ``cmd`` in its own session; sample the tree's RSS until it exits; stdout/stderr to files.
+
+    The process is reaped with ``os.wait4`` in a waiter thread, so the wall time ends at the exit
+    (not at the next sample) and the kernel's rusage of the whole reaped tree comes back too."""
+    import psutil
+
+    out_path, err_path = log_prefix.with_suffix(".out"), log_prefix.with_suffix(".err")
+    res = RunResult(cmd=[str(c) for c in cmd])
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(res.cmd, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
+        done = threading.Event()
+        waited: dict = {}
+
+        def waiter():
+            _, status, usage = os.wait4(proc.pid, 0)
+            waited.update(t_end=time.perf_counter(), status=status, usage=usage)
+            done.set()
+
+        threading.Thread(target=waiter, daemon=True).start()
+        try:
+            ps = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            ps = None
+        while not done.is_set():
+            if ps is not None:
+                rss, n = _tree_rss(ps)
+                res.peak_rss_bytes = max(res.peak_rss_bytes, rss)
+                res.max_processes = max(res.max_processes, n)
+                res.n_samples += 1
+            if time.perf_counter() - t0 > timeout_s:
+                res.timed_out = True
+                log.error("timeout after %.0fs: killing process group %d", timeout_s, proc.pid)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                done.wait(30)
+                break
+            done.wait(interval_s)
+    if "status" in waited:
+        res.returncode = os.waitstatus_to_exitcode(waited["status"])
+        proc.returncode = res.returncode  # reaped here; keep Popen from waiting again
+        res.wall_s = waited["t_end"] - t0
+        u = waited["usage"]
+        res.ru_maxrss_bytes = u.ru_maxrss * 1024  # Linux: KiB
+        res.cpu_s = u.ru_utime + u.ru_stime
+    if not res.ok:
+        res.stderr_tail = _tail(err_path) or _tail(out_path)
+    return res
+
+
+# -- agreement between label maps ---------------------------------------------------------------------------
+def read_labels(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def labels_digest(path: Path) -> str:
+    """Digest of the label array (not the file bytes: compression headers may differ)."""
+    return hashlib.sha1(np.ascontiguousarray(read_labels(path)).tobytes()).hexdigest()[:16]
+
+
+def agreement(ref: np.ndarray, test: np.ndarray, names: dict[int, str], min_voxels: int = 1000) -> dict:
+    """Per-class Dice (foreground classes with >= ``min_voxels`` voxels in either map), the minimum of
+    those, and overall voxel agreement (fraction of voxels with the same label)."""
+    if ref.shape != test.shape:
+        return {"error": f"shape mismatch: reference {ref.shape}, test {test.shape}"}
+    k = int(max(ref.max(initial=0), test.max(initial=0))) + 1
+    conf = np.bincount(ref.ravel().astype(np.int32) * k + test.ravel().astype(np.int32),
+                       minlength=k * k).reshape(k, k)
+    n_ref, n_test = conf.sum(1), conf.sum(0)
+    dice = {}
+    for c in range(1, k):
+        if max(n_ref[c], n_test[c]) >= min_voxels:
+            dice[names.get(c, str(c))] = float(2 * conf[c, c] / (n_ref[c] + n_test[c]))
+    worst = min(dice, key=dice.get) if dice else None
+    return {"dice": dice, "min_dice": dice[worst] if worst else None, "min_dice_class": worst,
+            "voxel_agreement": float(np.trace(conf) / conf.sum()), "min_voxels": min_voxels,
+            "voxels_ref": {names.get(c, str(c)): int(n_ref[c]) for c in range(1, k) if n_ref[c]},
+            "voxels_test": {names.get(c, str(c)): int(n_test[c]) for c in range(1, k) if n_test[c]}}
+
+
+# -- machine and software ------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _flare_rt_version(repo: Path) -> str | None:
+    """flare-rt runs from the source tree (PYTHONPATH), which may not be the installed distribution."""
+    import re
+
+    try:
+        m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", (repo / "flare_rt" / "__init__.py").read_text())
+    except OSError:
+        m = None
+    return m.group(1) if m else _version("flare-rt")
+
+
+def machine_info(repo: Path) -> dict:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    versions = {d: _version(d) for d in ("torch", "onnxruntime", "nnunetv2", "numpy", "SimpleITK", "scipy", "psutil")}
+    versions["flare-rt"] = _flare_rt_version(repo)
+    dirty = _git(repo, "status", "--porcelain", "--", "flare_rt")
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gb": round(vm.total / 1e9, 1),
+        "ram_available_gb_at_start": round(vm.available / 1e9, 1),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "gpu": "none used (CPU benchmark)",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_commit": _git(repo, "rev-parse", "--short", "HEAD"),
+        "flare_rt_dirty": bool(dirty) if dirty is not None else None,
+        "sampler": SAMPLER_METHOD,
+    }

@@ -1,0 +1,235 @@
+"""``flare-rt segment`` on bad inputs: a typed exit code, one error line naming the file and the problem,
+and no output (not even a temporary or partial file) left behind."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from flare_rt.cli import main
+from flare_rt.errors import InputImageError
+
+INPUT_ERROR = InputImageError.exit_code  # 2
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(["segment", *map(str, argv), "-q"])
+    return rc, capsys.readouterr().err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines()
+            if line.startswith(("flare-rt: error", "ERROR", "Traceback", "CRITICAL"))]
+
+
+def assert_refused(rc: int, err: str, names, *problem: str, code: int = INPUT_ERROR) -> str:
+    """Exit ``code``; exactly one error line, naming ``names`` and every word of ``problem``."""
+    assert rc == code, f"exit code {rc}, expected {code}; stderr:\n{err}"
+    lines = error_lines(err)
+    assert len(lines) == 1, f"expected one error line, got {len(lines)}:\n{err}"
+    line = lines[0]
+    assert line.startswith("flare-rt: error: "), line
+    for name in [names] if isinstance(names, (str, Path)) else names:
+        assert str(name) in line, f"{name} not named in: {line}"
+    for word in problem:
+        assert word.lower() in line.lower(), f"{word!r} not in: {line}"
+    return line
+
+
+@pytest.fixture(scope="module")
+def ct_path(shared_data) -> Path:
+    return shared_data / "ts_example_ct_sm.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def ct(ct_path):
+    return sitk.ReadImage(str(ct_path))
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+def assert_empty(folder: Path) -> None:
+    left = sorted(p.name for p in folder.iterdir())
+    assert left == [], f"files left in the output folder: {left}"
+
+
+def like(ct, array: np.ndarray):
+    img = sitk.GetImageFromArray(array)
+    img.CopyInformation(ct)
+    return img
+
+
+def assert_on_grid(out: Path, ref) -> np.ndarray:
+    seg = sitk.ReadImage(str(out))
+    assert seg.GetPixelID() == sitk.sitkUInt8
+    assert seg.GetSize() == ref.GetSize()
+    assert seg.GetSpacing() == ref.GetSpacing()
+    assert seg.GetOrigin() == ref.GetOrigin()
+    assert seg.GetDirection() == ref.GetDirection()
+    return sitk.GetArrayFromImage(seg)
+
+
+# -- unreadable inputs --------------------------------------------------------------------------------
+def test_missing_file(capsys, tmp_path, out_dir):
+    src = tmp_path / "nope_0000.nii.gz"
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, "no such file")
+    assert_empty(out_dir)
+
+
+def test_random_bytes(capsys, tmp_path, out_dir):
+    src = tmp_path / "random.nii.gz"
+    src.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, "corrupt")
+    assert_empty(out_dir)
+
+
+def test_truncated_gzip(capsys, tmp_path, out_dir, ct_path):
+    data = ct_path.read_bytes()
+    src = tmp_path / "truncated.nii.gz"
+    src.write_bytes(data[: len(data) // 2])
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, "truncated")
+    assert_empty(out_dir)
+
+
+def test_valid_gzip_not_an_image(capsys, tmp_path, out_dir):
+    src = tmp_path / "notnifti.nii.gz"
+    src.write_bytes(gzip.compress(np.random.default_rng(1).integers(0, 256, 50_000, dtype=np.uint8).tobytes()))
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, "cannot read image")
+    assert_empty(out_dir)
+
+
+# -- not a 3D CT ----------------------------------------------------------------------------------------
+def test_2d_image(capsys, tmp_path, out_dir, ct):
+    src = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(ct[:, :, 15], str(src))
+    assert sitk.ReadImage(str(src)).GetDimension() == 2
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, "2D", "3D")
+    assert_empty(out_dir)
+
+
+def test_4d_image(capsys, tmp_path, out_dir, ct):
+    src = tmp_path / "dynamic.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([ct] * 4), str(src))
+    assert sitk.ReadImage(str(src)).GetSize()[3] == 4
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, "4D", "x4")
+    assert_empty(out_dir)
+
+
+@pytest.fixture(scope="module")
+def mr_like(tmp_path_factory, ct) -> Path:
+    """The CT rescaled to 0..1000: non-negative, as MR or PET."""
+    a = sitk.GetArrayFromImage(ct).astype(np.float32)
+    a = (a - a.min()) / (a.max() - a.min()) * 1000
+    path = tmp_path_factory.mktemp("mr") / "mr_like.nii.gz"
+    sitk.WriteImage(like(ct, a), str(path))
+    return path
+
+
+def test_mr_like_intensities_refused(capsys, out_dir, mr_like):
+    rc, err = run(capsys, mr_like, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, mr_like, "look like CT", "--force")
+    assert_empty(out_dir)
+
+
+def test_mr_like_intensities_with_force(capsys, out_dir, mr_like, ct):
+    out = out_dir / "seg.nii.gz"
+    rc, err = run(capsys, mr_like, out, "--force", "--step", "1")  # abutting tiles: half the time
+    assert rc == 0, err
+    assert error_lines(err) == [], err
+    assert "look like CT" in err  # still warned about
+    assert_on_grid(out, ct)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["seg.nii.gz"]
+
+
+@pytest.mark.parametrize("value, word", [(np.nan, "NaN"), (np.inf, "infinite"), (-np.inf, "infinite")])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha"])
+def test_non_finite_voxels(capsys, tmp_path, out_dir, ct, value, word, suffix):
+    a = sitk.GetArrayFromImage(ct).astype(np.float32)
+    a[10, 40:42, 50:53] = value  # 6 voxels
+    src = tmp_path / f"nonfinite{suffix}"
+    sitk.WriteImage(like(ct, a), str(src))
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    line = assert_refused(rc, err, src, word)
+    assert "6 voxels" in line
+    assert_empty(out_dir)
+
+
+# -- small but valid --------------------------------------------------------------------------------------
+def test_volume_smaller_than_a_patch(capsys, tmp_path, out_dir, ct):
+    small = ct[50:70, 0:30, 10:20]  # 20x30x10 voxels (60x90x30 mm), body edge and air: one patch is 230x154x128 mm
+    assert small.GetSize() == (20, 30, 10)
+    src = tmp_path / "small.nii.gz"
+    sitk.WriteImage(small, str(src))
+    out = out_dir / "small_seg.nii.gz"
+    rc, err = run(capsys, src, out)
+    assert rc == 0, err
+    assert error_lines(err) == [], err
+    labels = assert_on_grid(out, sitk.ReadImage(str(src)))
+    assert labels.shape == (10, 30, 20)
+    assert labels.max() <= 14
+    assert sorted(p.name for p in out_dir.iterdir()) == ["small_seg.nii.gz"]
+
+
+# -- output path refusals ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("spelling", ["same", "dotdot"])
+def test_output_equal_to_input(capsys, tmp_path, ct_path, spelling):
+    folder = tmp_path / "case"
+    folder.mkdir()
+    src = folder / "ct.nii.gz"
+    shutil.copyfile(ct_path, src)
+    before, mtime = src.read_bytes(), src.stat().st_mtime_ns
+    dst = src if spelling == "same" else folder / ".." / "case" / "ct.nii.gz"
+    rc, err = run(capsys, src, dst)
+    assert_refused(rc, err, dst, "overwrite the input")
+    assert src.read_bytes() == before and src.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in folder.iterdir()) == ["ct.nii.gz"]
+
+
+def test_existing_output_without_overwrite(capsys, out_dir, ct_path):
+    out = out_dir / "seg.nii.gz"
+    out.write_bytes(b"an earlier result")
+    os.utime(out, ns=(1_000_000_000, 1_000_000_000))
+    rc, err = run(capsys, ct_path, out)
+    assert_refused(rc, err, out, "exists", "--overwrite")
+    assert out.read_bytes() == b"an earlier result"
+    assert out.stat().st_mtime_ns == 1_000_000_000
+    assert sorted(p.name for p in out_dir.iterdir()) == ["seg.nii.gz"]
+
+
+# -- DICOM folders ------------------------------------------------------------------------------------------
+def test_dicom_with_missing_slice(capsys, tmp_path, out_dir, shared_data):
+    src = tmp_path / "dicom_gap"
+    shutil.copytree(shared_data / "ts_dicom", src)
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(src))  # sorted along the slice normal
+    assert len(files) == 20
+    Path(files[len(files) // 2]).unlink()  # a middle slice: one gap of 4 mm among 2 mm steps
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    line = assert_refused(rc, err, src, "uneven slice spacing", "missing")
+    assert "2.000 to 4.000 mm" in line
+    assert_empty(out_dir)
+
+
+def test_folder_without_dicom(capsys, tmp_path, out_dir):
+    src = tmp_path / "not_dicom"
+    src.mkdir()
+    (src / "README.txt").write_text("no images here\n")
+    (src / "IM0001").write_bytes(np.random.default_rng(2).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, "no DICOM series")
+    assert_empty(out_dir)
