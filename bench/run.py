@@ -53,15 +53,17 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("faithful", "flare", ("--mode", "faithful"), "flare-rt faithful mode"),
     System("fast", "flare", ("--mode", "fast"), "flare-rt fast mode (all tricks)"),
     System("fast_roi0", "flare", ("--mode", "fast", "--fast-option", "roi=0"),
-           "fast without body ROI crop / air-tile skipping"),
+           "fast without skipping air-only tiles"),
+    System("fast_roicrop", "flare", ("--mode", "fast", "--fast-option", "roi_crop=1"),
+           "fast plus a crop to the body box (fewer tiles; moves the resampling grid)"),
     System("fast_labelup0", "flare", ("--mode", "fast", "--fast-option", "label_upsampling=0"),
-           "fast with nnU-Net's logits resampling instead of argmax + label upsampling"),
+           "fast with nnU-Net's full logits resampling instead of boundary-refined label upsampling"),
     System("fast_f64", "flare", ("--mode", "fast", "--fast-option", "compute_dtype=float64"),
            "fast with float64 image resampling (as nnU-Net)"),
     System("fast_step0.6", "flare", ("--mode", "fast", "--step", "0.6"), "fast with tile step 0.6"),
     System("fast_step0.75", "flare", ("--mode", "fast", "--step", "0.75"), "fast with tile step 0.75"),
 ]}
-ABLATIONS = ("fast_roi0", "fast_labelup0", "fast_f64", "fast_step0.6", "fast_step0.75")
+ABLATIONS = ("fast_roi0", "fast_roicrop", "fast_labelup0", "fast_f64", "fast_step0.6", "fast_step0.75")
 DEFAULT_SYSTEMS = ("nnunet", "faithful", "fast", *ABLATIONS)
 GROUPS = {"default": DEFAULT_SYSTEMS, "ablations": ABLATIONS, "all": tuple(SYSTEMS)}
 

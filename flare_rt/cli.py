@@ -68,11 +68,17 @@ def cmd_segment(args) -> int:
     t0 = time.perf_counter()
     bundle = Bundle.load(args.model or default_model())
     backend = create_backend(bundle, args.backend, args.device, args.threads)
-    seg = Segmenter(bundle, backend, options)
+    seg = Segmenter(bundle, backend, options, progress=not args.quiet and not folder)
     log.info("model %s loaded in %.2fs (%s, %s mode)", bundle.path.name, time.perf_counter() - t0,
              backend.describe(), options.mode)
     if not folder:
-        probs = dst.with_name(dst.name.split(".")[0] + ".npz") if args.save_probabilities else None
+        probs = None
+        if args.save_probabilities:
+            from .io import image_suffix
+
+            probs = dst.with_name(dst.name[: -len(image_suffix(dst))] + ".npz")
+            if probs.exists() and not args.overwrite:
+                raise InputImageError(f"{probs}: exists; pass --overwrite to replace it")
         pred = seg.segment_file(src, dst, probs)
         if args.report:
             _write_report(args.report, src, dst, pred, backend, options, time.perf_counter() - t0)
@@ -98,6 +104,9 @@ def cmd_segment(args) -> int:
         except FlareError as exc:
             log.error("%s", exc)
             failures.append((case, str(exc)))
+        except Exception as exc:  # keep going: one broken case must not stop the batch
+            log.exception("%s: unexpected error", case)
+            failures.append((case, f"unexpected {type(exc).__name__}: {exc}"))
     log.info("%d segmented, %d skipped (exist; --overwrite to redo), %d failed, in %.1fs",
              done, skipped, len(failures), time.perf_counter() - t0)
     if failures:

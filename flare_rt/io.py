@@ -230,7 +230,11 @@ def write_probabilities(probs: np.ndarray, labels: dict[int, str], path: str | P
     """``.npz`` with ``probabilities`` (K, z, y, x) float16 and the label names, atomically."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial.npz")
-    np.savez_compressed(tmp, probabilities=probs, label_ids=np.array(sorted(labels)),
-                        label_names=np.array([labels[k] for k in sorted(labels)]))
-    tmp.replace(path)
+    try:
+        np.savez_compressed(tmp, probabilities=probs, label_ids=np.array(sorted(labels)),
+                            label_names=np.array([labels[k] for k in sorted(labels)]))
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

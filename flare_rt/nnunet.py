@@ -134,8 +134,7 @@ def load_checkpoint(path: Path, trust: bool = False) -> dict:
     if trust:
         log.warning("%s: full unpickling (--trust-checkpoint): only do this for files you trust", path)
         return torch.load(path, map_location="cpu", weights_only=False)
-    allowed = [np.dtype, np.ndarray, np.core.multiarray.scalar if hasattr(np, "core") else None,
-               np.float32, np.float64, np.int64, np.int32, np.bool_]
+    allowed = [np.dtype, np.ndarray, np.float32, np.float64, np.int64, np.int32, np.bool_]
     try:
         from numpy._core.multiarray import _reconstruct, scalar  # numpy >= 2
 

@@ -105,8 +105,8 @@ class _Timer:
 class Segmenter:
     """A loaded model (bundle + backend) that segments volumes; load once, call for each case."""
 
-    def __init__(self, bundle: Bundle, backend, options: SegmentOptions = SegmentOptions()):
-        self.bundle, self.backend, self.options = bundle, backend, options
+    def __init__(self, bundle: Bundle, backend, options: SegmentOptions = SegmentOptions(), progress: bool = False):
+        self.bundle, self.backend, self.options, self.progress = bundle, backend, options, progress
         meta = bundle.meta
         tta = meta.tta if options.tta is None else options.tta
         step = options.step if options.step is not None else (meta.tile_step if options.mode == "faithful"
@@ -145,8 +145,12 @@ class Segmenter:
             n_tiles[0] += len(batch)
             return out
 
-        with timer("window+export"):
-            blocks = sliding_window_blocks(data, network, meta.num_classes, self.window, keep_tile=keep)
+        from tqdm import tqdm
+
+        bar = tqdm(desc="tiles", unit="tile", disable=not self.progress, leave=False)
+        with timer("window+export"), bar:
+            blocks = sliding_window_blocks(data, network, meta.num_classes, self.window, keep_tile=keep,
+                                           progress=bar.update)
             back = make_plan(net_shape, crop.shape_after, meta.spacing, spacing, meta.resampling, probabilities=True)
             refined = (fast and opts.fast.label_upsampling and not opts.save_probabilities
                        and back.separate_axis == 0 and back.order == 1 and back.order_z == 0)

@@ -16,12 +16,16 @@ from flare_rt.pipeline import SegmentOptions, Segmenter  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CASES = ["ts_example_ct.nii.gz", "ircad01_ct.nii.gz"]
-# nnU-Net's fp16 blending is off by up to ~0.5 in logits where only tile edges cover a voxel (see
-# test_window); after softmax and resampling that bounds probability differences by ~0.5 at a few
-# voxels, while the bulk agrees to fp16 steps (~1e-3).
-PROB_MAX_ABS, PROB_P999_ABS, PROB_MEAN_ABS = 0.5, 0.02, 1e-3
-# Fast mode (ROI crop, air tiles skipped, label upsampling): bound tested per class, measured in bench/.
-FAST_MIN_DICE = 0.90
+# Probabilities are compared on the first case only: on the 512x512x129 case nnU-Net's full-resolution
+# float32 probabilities alone take 2 GB and their float64 resampling dominates the suite's time.
+PROB_CASES = CASES[:1]
+# nnU-Net blends in fp16 (sums of ~10-100 with steps of 2**-6..2**-3) and stores resampled logits in
+# fp16; a logit error d moves a softmax probability by at most d/2. Bounds (measured: max 0.041,
+# p99.9 0.0013, mean 2e-5 on ts_example_ct, both backends):
+PROB_MAX_ABS, PROB_P999_ABS, PROB_MEAN_ABS = 0.1, 0.01, 1e-4
+# Fast mode (air-only tiles skipped, boundary-refined label upsampling, float32 resampling) computes
+# the same labels as faithful mode up to float rounding at ties: the bound tested per class.
+FAST_MIN_DICE = 0.999
 
 
 def dice_per_class(a: np.ndarray, b: np.ndarray, min_voxels: int = 1000) -> dict[int, float]:
@@ -47,8 +51,11 @@ def nnunet_reference(shared_data, demo_nnunet_dir):
     out = {}
     for case in CASES:
         img, props = SimpleITKIO().read_images([str(shared_data / case)])
-        seg, probs = pred.predict_single_npy_array(img, props, None, None, True)
-        out[case] = (seg.astype(np.uint8), probs.astype(np.float32))
+        if case in PROB_CASES:
+            seg, probs = pred.predict_single_npy_array(img, props, None, None, True)
+            out[case] = (seg.astype(np.uint8), probs.astype(np.float32))
+        else:
+            out[case] = (pred.predict_single_npy_array(img, props, None, None, False).astype(np.uint8), None)
     return out
 
 
@@ -57,9 +64,9 @@ def flare_runs(shared_data, fp32_bundle):
     bundle = Bundle.load(fp32_bundle)
     runs = {}
     for backend in ("onnxruntime", "torch"):
-        seg = Segmenter(bundle, create_backend(bundle, backend, "cpu", 2),
-                        SegmentOptions(mode="faithful", save_probabilities=True))
+        be = create_backend(bundle, backend, "cpu", 2)
         for case in CASES:
+            seg = Segmenter(bundle, be, SegmentOptions(mode="faithful", save_probabilities=case in PROB_CASES))
             p = seg.predict(load_volume(shared_data / case))
             runs[backend, case] = (p.labels, p.probabilities)
     fast = Segmenter(bundle, create_backend(bundle, "onnxruntime", "cpu", 2), SegmentOptions(mode="fast"))
@@ -71,13 +78,20 @@ def flare_runs(shared_data, fp32_bundle):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_faithful_matches_nnunet(nnunet_reference, flare_runs, case, backend):
-    ref_seg, ref_probs = nnunet_reference[case]
-    seg, probs = flare_runs[backend, case]
+    ref_seg, _ = nnunet_reference[case]
+    seg, _ = flare_runs[backend, case]
     assert seg.shape == ref_seg.shape and seg.dtype == np.uint8
     dice = dice_per_class(seg, ref_seg)
     print(case, backend, {c: round(d, 5) for c, d in dice.items()}, "voxel agreement", (seg == ref_seg).mean())
     assert dice, "no class with >= 1000 voxels: the comparison would be empty"
     assert min(dice.values()) >= 0.99, dice
+
+
+@pytest.mark.parametrize("case", PROB_CASES)
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_faithful_probabilities_match_nnunet(nnunet_reference, flare_runs, case, backend):
+    _, ref_probs = nnunet_reference[case]
+    _, probs = flare_runs[backend, case]
     err = np.abs(probs.astype(np.float32) - ref_probs)
     print(case, backend, "prob |err| max %.4f p99.9 %.5f mean %.2e" % (err.max(), np.quantile(err, 0.999), err.mean()))
     assert probs.shape == ref_probs.shape
@@ -91,4 +105,4 @@ def test_fast_mode_agreement_with_faithful(flare_runs, case):
     dice = dice_per_class(fast, faithful)
     print(case, "fast vs faithful", {c: round(d, 4) for c, d in dice.items()}, "voxel agreement", (fast == faithful).mean())
     assert dice and min(dice.values()) >= FAST_MIN_DICE, dice
-    assert (fast == faithful).mean() > 0.99
+    assert (fast == faithful).mean() > 0.9999

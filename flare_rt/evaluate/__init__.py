@@ -14,9 +14,7 @@ Rules and rounding: :mod:`flare_rt.evaluate.metrics`; surfaces: :mod:`flare_rt.e
 from __future__ import annotations
 
 import concurrent.futures
-import gzip
 import logging
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,24 +105,9 @@ def case_name(path: Path) -> str:
 
 
 def _read_image(path: Path) -> sitk.Image:
-    import SimpleITK as sitk
+    from ..io import read_image
 
-    if not path.is_file():
-        raise InputImageError(f"label image {path} does not exist; check the path")
-    if path.name.endswith(".gz"):
-        _check_gzip(path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        reason = next(
-            (ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln),
-            lines[-1] if lines else "unreadable",
-        )
-        raise InputImageError(
-            f"cannot read label image {path} ({reason[:200]}); is it a valid, complete "
-            "NIfTI file?"
-        ) from None
+    image = read_image(path)  # missing, unreadable and truncated-gzip files raise InputImageError
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputImageError(
             f"label image {path} is {image.GetDimension()}D with "
@@ -132,18 +115,6 @@ def _read_image(path: Path) -> sitk.Image:
             "map is expected (one file per case, one label per voxel)"
         )
     return image
-
-
-def _check_gzip(path: Path) -> None:
-    """Decompress the whole stream once: ITK reads a truncated .gz without complaint."""
-    try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 22):
-                pass
-    except (OSError, EOFError, zlib.error) as exc:
-        raise InputImageError(
-            f"label image {path} is not a complete gzip file ({exc}); copy or write it again"
-        ) from None
 
 
 def _label_array(image: sitk.Image, path: Path) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -202,4 +203,5 @@ def load_weights(net: UNet, state: dict, allow_missing_auxiliary: bool = False) 
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:3]}; "
             "check that the plans' architecture matches the checkpoint"
         )
-    net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=not allow_missing_auxiliary)
+    tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v)) for k, v in state.items()}
+    net.load_state_dict(tensors, strict=not allow_missing_auxiliary)
