@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         register = None
     if register is not None:
         register(sub)
+    from .train.command import register as register_train  # imports torch lazily, on use
+
+    register_train(sub)
     return p
 
 

@@ -1,0 +1,67 @@
+"""The end of training: the network as a verified fp32 bundle the runtime segments with directly."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..bundle import BundleMeta, ResamplingRule
+from ..export import default_check_inputs, export_bundle
+from ..labels import NAMES
+from ..nets.unet import UNet
+from .config import TrainConfig
+from .fingerprint import Fingerprint
+from .model import inference_network
+
+log = logging.getLogger(__name__)
+
+BUNDLE_NAME = "model.onnx"
+
+
+def bundle_meta(config: TrainConfig, fingerprint: Fingerprint, n_train: int) -> BundleMeta:
+    """Metadata from the config (network, spacing, patch, TTA default) and the fingerprint (normalisation)."""
+    m = config.model
+    arch = json.loads(json.dumps(m.unet(len(NAMES), deep_supervision=False).to_dict()))
+    s = config.schedule
+    return BundleMeta(
+        name=config.name,
+        labels=dict(NAMES),
+        spacing=tuple(float(v) for v in m.spacing),  # type: ignore[arg-type]
+        patch_size=tuple(int(v) for v in m.patch_size),  # type: ignore[arg-type]
+        normalization=fingerprint.normalization(),
+        architecture=arch,
+        tile_step=0.5,
+        mirror_axes=(0, 1, 2),
+        tta=m.tta,
+        orientation=m.orientation,
+        transpose_forward=(0, 1, 2),
+        crop_nonzero=True,
+        resampling=ResamplingRule(),
+        precision="fp32",
+        description=f"{type(m).preset} network trained by flare-rt: {s.epochs} epochs x {s.iterations_per_epoch} "
+                    f"iterations, batch {s.batch_size}, on {n_train} cases",
+        source=f"flare-rt train {config.name} ({config.data.dataset or config.data.index})",
+        producer=f"flare-rt {__version__}",
+    )
+
+
+def check_patch(cache_dir: str | Path, case_id: str, patch: tuple[int, int, int]) -> np.ndarray:
+    """A real (1, 1, *patch) input for the export check: the centre of a cached training case. (Patches
+    mostly made of zero padding make InstanceNorm ill-conditioned and are not what the runtime feeds.)"""
+    from .cache import open_case
+    from .sampling import extract
+
+    case = open_case(cache_dir, case_id, ())
+    lo = (np.asarray(case.shape) - np.asarray(patch)) // 2
+    return extract(case.image, lo, lo + np.asarray(patch), 0.0)[None, None].astype(np.float32)
+
+
+def export_trained(net: UNet, meta: BundleMeta, path: str | Path, real_patch: np.ndarray | None = None) -> Path:
+    """Export ``net`` (deep supervision dropped) to ``path`` and verify it against PyTorch."""
+    inference = inference_network(net)
+    out, results = export_bundle(inference, meta, path, "fp32", default_check_inputs(meta, real_patch))
+    log.info("bundle %s (%.1f MB): %s", out, out.stat().st_size / 1e6, "; ".join(r.line() for r in results))
+    return out

@@ -1,0 +1,74 @@
+"""Everything before the first iteration, done once and kept on disk: the dataset index, the train/val
+split, the fingerprint and the preprocessing cache. Each step is skipped when its result exists."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache import CacheSpec, build_cache, unpack
+from .config import TrainConfig
+from .dataset import DatasetIndex, build_index, load_index, read_annotations, save_index, split_cases
+from .fingerprint import Fingerprint, load_or_compute_fingerprint
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "dataset_index.json"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    index: DatasetIndex
+    train_ids: tuple[str, ...]
+    val_ids: tuple[str, ...]
+    fingerprint: Fingerprint
+    cache_dir: Path
+    spec: CacheSpec
+
+    def cases(self, ids) -> list[tuple[str, tuple[int, ...]]]:
+        return [(i, self.index.case(i).annotated) for i in ids]
+
+
+def index_path(config: TrainConfig) -> Path:
+    if config.data.index is not None:
+        return Path(config.data.index)
+    return Path(config.output) / INDEX_NAME
+
+
+def cache_path(config: TrainConfig) -> Path:
+    if config.data.cache is not None:
+        return Path(config.data.cache)
+    tag = "x".join(f"{s:g}" for s in config.model.spacing)
+    return index_path(config).parent / f"cache_{tag}"
+
+
+def obtain_index(config: TrainConfig, progress: bool = True) -> DatasetIndex:
+    """The index at data.index (or in the output folder) if it exists, else built from data.dataset."""
+    path, d = index_path(config), config.data
+    if path.is_file():
+        index = load_index(path)
+    else:
+        if d.dataset is None:
+            return load_index(path)  # raises with a fix
+        index = build_index(d.dataset, read_annotations(d.annotations), d.preprocess_workers, d.images, d.labels,
+                            d.unlabelled, progress)
+        save_index(index, path)
+        log.info("dataset index written to %s", path)
+    return index
+
+
+def prepare(config: TrainConfig, progress: bool = True) -> Prepared:
+    index = obtain_index(config, progress)
+    d = config.data
+    train_ids, val_ids = split_cases(index, d.train_cases, d.val_cases, d.val_fraction, config.runtime.seed)
+    cache = cache_path(config)
+    train_entries = [index.case(i) for i in train_ids]
+    fp = load_or_compute_fingerprint(cache / "fingerprint.json", train_entries, d.preprocess_workers, progress)
+    spec = CacheSpec(spacing=tuple(config.model.spacing), normalization=fp.normalization(),  # type: ignore[arg-type]
+                     orientation=config.model.orientation)
+    needed = list(dict.fromkeys(train_ids + val_ids))
+    build_cache([index.case(i) for i in needed], spec, cache, d.preprocess_workers, progress)
+    for case_id in needed:  # the memory-mapped copies training reads
+        unpack(cache, case_id)
+    log.info("%d training and %d validation cases, cache %s", len(train_ids), len(val_ids), cache)
+    return Prepared(index, train_ids, val_ids, fp, cache, spec)
