@@ -2,6 +2,8 @@
 so that the effect of each fast-mode trick is measured without a model's own instability."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -28,9 +30,7 @@ def ct(shared_data):
 
 @pytest.fixture(scope="module")
 def bundle():
-    from conftest import DEMO_BUNDLE
-
-    return Bundle.load(DEMO_BUNDLE)
+    return Bundle.load(Path(__file__).resolve().parents[1] / "models" / "ts_demo_small_fp16.onnx")
 
 
 def run(bundle, ct, **kw):
