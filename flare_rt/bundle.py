@@ -173,7 +173,7 @@ def describe(meta: BundleMeta, path: Path | None = None) -> str:
         f"mean {meta.normalization.mean:g}, std {meta.normalization.std:g}",
         f"network     features {meta.architecture.get('features_per_stage')}, "
         f"convs/stage {meta.architecture.get('n_conv_per_stage')}",
-        f"labels      " + ", ".join(f"{k}={v}" for k, v in sorted(meta.labels.items())),
+        "labels      " + ", ".join(f"{k}={v}" for k, v in sorted(meta.labels.items())),
         f"source      {meta.source}",
         f"producer    {meta.producer}",
     ]

@@ -19,7 +19,7 @@ from .orientation import plan_reorientation
 from .postprocess import labels_faithful, labels_refined
 from .preprocess import CropInfo, body_crop, compute_new_shape, ct_normalize, nonzero_crop, paste
 from .resample import make_plan, resample, upsample_labels_nearest
-from .window import WindowConfig, sliding_window_blocks, tile_origins, pad_to_patch
+from .window import WindowConfig, pad_to_patch, sliding_window_blocks
 
 log = logging.getLogger(__name__)
 

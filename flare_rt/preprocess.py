@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bundle import CTNormalization
-from .xp import array_module, ndimage_module
+from .xp import array_module
 
 BBox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # half-open [start, end) per axis
 

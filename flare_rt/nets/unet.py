@@ -7,7 +7,7 @@ aliases nnU-Net also stores (``all_modules``, ``decoder.encoder``) are dropped b
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
