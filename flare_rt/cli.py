@@ -13,21 +13,16 @@ from .errors import FlareError, InputImageError
 
 log = logging.getLogger("flare_rt")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_ENV = "FLARE_RT_MODEL"
-DEMO_MODEL = REPO_ROOT / "models" / "ts_demo_small_fp16.onnx"
 
 
 def default_model() -> Path:
-    env = os.environ.get(DEFAULT_MODEL_ENV)
-    if env:
-        return Path(env)
-    if DEMO_MODEL.is_file():
-        log.warning("no --model given: using the bundled coarse DEMONSTRATION model %s (trained on one 30-slice "
-                    "scan; not accurate). A trained default model comes in a later release.", DEMO_MODEL)
-        return DEMO_MODEL
-    raise FlareError(f"no --model given, ${DEFAULT_MODEL_ENV} unset and no bundled model at {DEMO_MODEL}; "
-                     "pass --model BUNDLE (create one with 'flare-rt import-nnunet')")
+    from .resources import DEFAULT_MODEL_NAME, default_model as resolve, MODEL_ENV
+
+    path = resolve()
+    if not os.environ.get(MODEL_ENV) and path.name == DEFAULT_MODEL_NAME:
+        log.warning("no --model given: using the packaged coarse DEMONSTRATION model %s (trained on one 30-slice "
+                    "scan; not accurate)", path.name)
+    return path
 
 
 # -- segment ----------------------------------------------------------------------------------------
@@ -180,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment a CT (file, DICOM folder, or folder of *_0000.nii.gz)")
     s.add_argument("input", help="image file (.nii.gz/.nii/.mha/.nrrd), DICOM series folder, or case folder")
     s.add_argument("output", help="label file (format from extension) or output folder in folder mode")
-    s.add_argument("--model", help=f"model bundle (.onnx); default ${DEFAULT_MODEL_ENV} or the bundled demo model")
+    s.add_argument("--model", help=f"model bundle (.onnx); default $FLARE_RT_MODEL or the packaged model")
     s.add_argument("--mode", choices=["fast", "faithful"], default="fast",
                    help="faithful: nnU-Net's predictor step by step; fast (default): ROI crop, air tiles "
                         "skipped, argmax at network resolution")

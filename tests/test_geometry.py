@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from flare_rt.bundle import Bundle, write_bundle
-from flare_rt.cli import DEMO_MODEL, main
+from flare_rt.cli import main
+from flare_rt.resources import packaged_model
 
 LIVER = 1
 # Tiles that abut instead of overlapping by half: half the network time on 2 CPU cores. Every comparison
@@ -115,7 +116,7 @@ def test_copy_grid_and_labels(name, work, ct, original_seg):
 # -- a bundle whose model expects LPS: same anatomy whatever the storage order -------------------------------
 @pytest.fixture(scope="module")
 def lps_bundle(work) -> Path:
-    bundle = Bundle.load(DEMO_MODEL)
+    bundle = Bundle.load(packaged_model())
     assert bundle.meta.orientation == "none"
     return write_bundle(bundle.load_onnx(), bundle.meta.with_(orientation="LPS"), work / "lps.onnx")
 

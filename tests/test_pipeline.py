@@ -2,12 +2,12 @@
 so that the effect of each fast-mode trick is measured without a model's own instability."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flare_rt.bundle import Bundle
+from flare_rt.resources import packaged_model
 from flare_rt.errors import ConfigError
 from flare_rt.io import load_volume
 from flare_rt.pipeline import FastOptions, SegmentOptions, Segmenter, parse_fast_options
@@ -30,7 +30,7 @@ def ct(shared_data):
 
 @pytest.fixture(scope="module")
 def bundle():
-    return Bundle.load(Path(__file__).resolve().parents[1] / "models" / "ts_demo_small_fp16.onnx")
+    return Bundle.load(packaged_model())
 
 
 def run(bundle, ct, **kw):
