@@ -33,6 +33,8 @@ def build_ts269(src: Path, dst: Path) -> Path:
     import numpy as np
     import SimpleITK as sitk
 
+    from flare_rt.atomic import atomic_path
+
     img = sitk.ReadImage(str(src))
     direction = np.array(img.GetDirection()).reshape(3, 3)
     # physical centre of the input: continuous index (size - 1) / 2
@@ -41,10 +43,8 @@ def build_ts269(src: Path, dst: Path) -> Path:
     origin = np.array(centre) - direction @ half_extent
     out = sitk.Resample(img, list(TS269_SIZE), sitk.Transform(), sitk.sitkBSpline, origin.tolist(),
                         list(TS269_SPACING), img.GetDirection(), TS269_DEFAULT_HU, sitk.sitkInt16)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp.nii.gz")
-    sitk.WriteImage(out, str(tmp), useCompression=True)
-    tmp.replace(dst)
+    with atomic_path(dst) as tmp:
+        sitk.WriteImage(out, str(tmp), useCompression=True)
     log.info("built %s: size %s, spacing %s, origin %s", dst, out.GetSize(), out.GetSpacing(),
              tuple(round(o, 3) for o in out.GetOrigin()))
     return dst

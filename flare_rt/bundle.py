@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_path
 from .errors import ModelError
 
 METADATA_KEY = "flare_rt"
@@ -149,10 +150,8 @@ def write_bundle(model, meta: BundleMeta, path: str | Path) -> Path:
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, meta.to_json()
     model.doc_string = f"flare-rt bundle: {meta.name}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
     return path
 
 

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment a CT (file, DICOM folder, or folder of *_0000.nii.gz)")
     s.add_argument("input", help="image file (.nii.gz/.nii/.mha/.nrrd), DICOM series folder, or case folder")
     s.add_argument("output", help="label file (format from extension) or output folder in folder mode")
-    s.add_argument("--model", help=f"model bundle (.onnx); default $FLARE_RT_MODEL or the packaged model")
+    s.add_argument("--model", help="model bundle (.onnx); default $FLARE_RT_MODEL or the packaged model")
     s.add_argument("--mode", choices=["fast", "faithful"], default="fast",
                    help="faithful: nnU-Net's predictor step by step; fast (default): ROI crop, air tiles "
                         "skipped, argmax at network resolution")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import InputImageError
 
 log = logging.getLogger(__name__)
@@ -212,29 +213,18 @@ def write_labels(labels: np.ndarray, reference, path: str | Path) -> Path:
     img.SetSpacing(reference.GetSpacing())
     img.SetOrigin(reference.GetOrigin())
     img.SetDirection(reference.GetDirection())
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".mhd", ".nhdr"):  # the header names its data file: a temp name would stay in it
+        path.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(img, str(path), useCompression=True)
         return path
-    tmp = path.with_name(f".{path.name[: -len(suffix)]}.partial{suffix}")
-    try:
+    with atomic_path(path) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=True)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
 def write_probabilities(probs: np.ndarray, labels: dict[int, str], path: str | Path) -> Path:
     """``.npz`` with ``probabilities`` (K, z, y, x) float16 and the label names, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial.npz")
-    try:
+    with atomic_path(path) as tmp:
         np.savez_compressed(tmp, probabilities=probs, label_ids=np.array(sorted(labels)),
                             label_names=np.array([labels[k] for k in sorted(labels)]))
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from flare_rt.bundle import Bundle, read_meta, write_bundle  # noqa: E402
+from flare_rt.bundle import Bundle, read_meta  # noqa: E402
 from flare_rt.cli import main  # noqa: E402
 from flare_rt.errors import ExportVerificationError, ModelError  # noqa: E402
 from flare_rt.export import compare, torch_to_onnx, verify  # noqa: E402

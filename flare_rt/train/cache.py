@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..bundle import CTNormalization, ResamplingRule
 from ..orientation import plan_reorientation
 from ..preprocess import compute_new_shape, ct_normalize, nonzero_crop
@@ -132,10 +133,9 @@ def cache_case(job: tuple[CaseEntry, CacheSpec, str]) -> str:
     p = _paths(cache, entry.id)
     for stale in (p["image"], p["labels"]):
         stale.unlink(missing_ok=True)
-    tmp = cache / f".{entry.id}.{os.getpid()}.partial.npz"
-    np.savez_compressed(tmp, image=case.image, labels=case.labels,
-                        **{f"locations_{k}": v for k, v in case.locations.items()})
-    tmp.replace(p["npz"])
+    with atomic_path(p["npz"]) as tmp:
+        np.savez_compressed(tmp, image=case.image, labels=case.labels,
+                            **{f"locations_{k}": v for k, v in case.locations.items()})
     meta = {"id": entry.id, "key": spec.key(entry), "shape": list(case.image.shape),
             "classes": sorted(case.locations), "annotated": list(entry.annotated),
             "source_spacing": list(volume.spacing), "spacing": list(spec.spacing)}
@@ -178,9 +178,8 @@ def unpack(cache_dir: str | Path, case_id: str) -> None:
     with np.load(p["npz"]) as z:
         for key in ("image", "labels"):
             if not p[key].is_file() or p[key].stat().st_mtime < npz_time:
-                tmp = p[key].with_name(f".{p[key].name}.{os.getpid()}.partial.npy")  # concurrent ranks
-                np.save(tmp, z[key])
-                tmp.replace(p[key])
+                with atomic_path(p[key]) as tmp:  # unique per process: concurrent ranks
+                    np.save(tmp, z[key])
 
 
 def open_case(cache_dir: str | Path, case_id: str, annotated: Sequence[int]) -> CachedCase:

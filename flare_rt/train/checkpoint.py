@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,8 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer, scal
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": int(epoch),
              "iteration": int(iteration), "history": history, "config": config, "fingerprint": fingerprint,
              "rng": rng_state()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import ConfigError, InputImageError
 from ..io import Volume, load_volume, read_image
 from ..labels import NAMES
@@ -109,10 +110,8 @@ class DatasetIndex:
 
 def save_index(index: DatasetIndex, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(index.to_json() + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(index.to_json() + "\n")
     return path
 
 

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..atomic import atomic_path
+
 
 @dataclass(frozen=True)
 class EpochRecord:
@@ -77,8 +79,7 @@ def plot(history: Sequence[EpochRecord], labels: Mapping[int, str], path: str | 
     b.grid(alpha=0.3)
     b.legend(fontsize=7, ncol=3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    tmp.replace(path)
     return path
