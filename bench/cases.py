@@ -1,20 +1,21 @@
-"""Benchmark cases: real CTs from /work/shared/data, and the 512×512×269 timing case built from one.
+"""Benchmark cases: real CTs from the shared data folder ($FLARE_RT_DATA, default ../shared/data), and the 512×512×269 timing case built from one.
 
-``ts269`` follows /work/shared/data/README.md: ``ts_example_ct.nii.gz`` resampled to
+``ts269`` follows the data folder's README.md: ``ts_example_ct.nii.gz`` resampled to
 0.78125×0.78125×1.25 mm on a 512×512×269 grid centred on the scan (SimpleITK B-spline, default
 pixel -1024, int16). It is built once into the cache folder and reused.
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from flare_rt.resources import shared_data_dir
+
 log = logging.getLogger("bench.cases")
 
-DATA = Path(os.environ.get("FLARE_RT_DATA", "/work/shared/data"))
+DATA = shared_data_dir()
 
 TS269_SIZE = (512, 512, 269)  # x, y, z (SimpleITK order)
 TS269_SPACING = (0.78125, 0.78125, 1.25)  # mm

@@ -25,13 +25,15 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(REPO))
 
+from flare_rt.resources import shared_models_dir  # noqa: E402
 from cases import CASES, DEFAULT_CASES, image_info  # noqa: E402
 from measure import agreement, labels_digest, machine_info, read_labels, run_monitored  # noqa: E402
 
 log = logging.getLogger("bench")
 
-DEFAULT_MODEL_DIR = Path("/work/shared/models/ts_demo_small_nnunet")
+DEFAULT_MODEL_DIR = shared_models_dir() / "ts_demo_small_nnunet"
 GOAL_TIME_RATIO = 5.0  # fast mode: <= 1/5 of nnU-Net's wall time
 GOAL_MEM_RATIO = 1 / 3  # fast mode: <= 1/3 of nnU-Net's peak RSS
 

@@ -42,10 +42,11 @@ from flare_rt.train.loop import training_batches  # noqa: E402
 from flare_rt.train.loss import segmentation_loss  # noqa: E402
 from flare_rt.train.model import build_network  # noqa: E402
 from flare_rt.train.prepare import prepare  # noqa: E402
+from flare_rt.resources import shared_data_dir  # noqa: E402
 from flare_rt.train.sampling import make_loader  # noqa: E402
 
 log = logging.getLogger("train_throughput")
-DATA = Path(os.environ.get("FLARE_RT_DATA", REPO.parent / "shared" / "data"))
+DATA = shared_data_dir()
 STAGES = ("data", "copy", "augment", "forward", "backward")
 
 
