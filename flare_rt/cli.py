@@ -132,7 +132,8 @@ def cmd_info(args) -> int:
 
 def cmd_import_nnunet(args) -> int:
     from .export import default_check_inputs, export_bundle
-    from .nets.unet import UNet, UNetConfig, load_weights
+    from .nets import build_network
+    from .nets.unet import load_weights
     from .nnunet import read_nnunet_model
 
     model = read_nnunet_model(args.model_dir, args.configuration, args.fold, args.checkpoint, args.trust_checkpoint)
@@ -143,7 +144,7 @@ def cmd_import_nnunet(args) -> int:
         meta = meta.with_(orientation=validate_code(args.orientation))
     if args.demo:
         meta = meta.with_(demo=True, description="coarse demonstration model (not accurate)")
-    net = UNet(UNetConfig.from_dict(meta.architecture))
+    net = build_network(meta.architecture)
     load_weights(net, model.state_dict)
     path, results = export_bundle(net, meta, args.bundle, args.precision, default_check_inputs(meta))
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
@@ -151,9 +152,9 @@ def cmd_import_nnunet(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .backends.torch_backend import network_from_bundle
     from .bundle import Bundle
     from .export import default_check_inputs, export_bundle
+    from .nets import network_from_bundle
 
     b = Bundle.load(args.bundle)
     net = network_from_bundle(b)
