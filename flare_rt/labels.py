@@ -29,6 +29,7 @@ FLARE23_LABELS: tuple[Label, ...] = (
     Label(14, "tumor", 2.0),
 )
 
+NUM_CLASSES = len(FLARE23_LABELS)  # background + 13 organs + tumour
 ORGAN_IDS: tuple[int, ...] = tuple(range(1, 14))
 TUMOR_ID = 14
 #: Classes the official script cuts to the z-range of the ground truth before scoring.

@@ -34,7 +34,8 @@ def test_two_ranks_end_with_identical_weights(synthetic_root, tmp_path):
     assert set(w0) == set(w1)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     init = init_network(TinyModel(), 15, seed=0).state_dict()
-    assert not all(torch.equal(w0[k], init[k]) for k in w0)  # they trained
+    trained = [k for k in w0 if w0[k].is_floating_point()]
+    assert trained and all(not torch.equal(w0[k], init[k]) for k in trained)  # every parameter got updates
     l0, l1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(l0) == len(l1) == 6
     assert l0 != l1  # on different patches: equal weights come from the gradient all-reduce
