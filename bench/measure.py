@@ -138,23 +138,13 @@ def labels_digest(path: Path) -> str:
 
 
 def agreement(ref: np.ndarray, test: np.ndarray, names: dict[int, str], min_voxels: int = 1000) -> dict:
-    """Per-class Dice (foreground classes with >= ``min_voxels`` voxels in either map), the minimum of
-    those, and overall voxel agreement (fraction of voxels with the same label)."""
-    if ref.shape != test.shape:
-        return {"error": f"shape mismatch: reference {ref.shape}, test {test.shape}"}
-    k = int(max(ref.max(initial=0), test.max(initial=0))) + 1
-    conf = np.bincount(ref.ravel().astype(np.int32) * k + test.ravel().astype(np.int32),
-                       minlength=k * k).reshape(k, k)
-    n_ref, n_test = conf.sum(1), conf.sum(0)
-    dice = {}
-    for c in range(1, k):
-        if max(n_ref[c], n_test[c]) >= min_voxels:
-            dice[names.get(c, str(c))] = float(2 * conf[c, c] / (n_ref[c] + n_test[c]))
-    worst = min(dice, key=dice.get) if dice else None
-    return {"dice": dice, "min_dice": dice[worst] if worst else None, "min_dice_class": worst,
-            "voxel_agreement": float(np.trace(conf) / conf.sum()), "min_voxels": min_voxels,
-            "voxels_ref": {names.get(c, str(c)): int(n_ref[c]) for c in range(1, k) if n_ref[c]},
-            "voxels_test": {names.get(c, str(c)): int(n_test[c]) for c in range(1, k) if n_test[c]}}
+    """:func:`flare_rt.agreement.label_agreement`, with a shape mismatch reported as ``{"error": ...}``."""
+    from flare_rt.agreement import label_agreement
+
+    try:
+        return label_agreement(ref, test, names, min_voxels)
+    except ValueError as exc:
+        return {"error": str(exc)}
 
 
 # -- machine and software ------------------------------------------------------------------------------------

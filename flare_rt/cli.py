@@ -41,7 +41,7 @@ def segment_options(args):
 
     return SegmentOptions(mode=args.mode, step=args.step, tta=args.tta, batch_size=args.batch_size,
                           probabilities=args.save_probabilities, force=args.force, series_uid=args.series,
-                          fast=parse_fast_options(args.fast_option))
+                          fast=parse_fast_options(args.fast_option), network_labels=bool(args.save_network_labels))
 
 
 def case_outputs(labels: Path, args, folder: bool = False):
@@ -80,6 +80,8 @@ def cmd_segment(args) -> int:
         raise InputImageError(f"{src}: no such file or directory")
     options = segment_options(args)
     if is_case_folder(src):
+        if args.save_network_labels:
+            raise ConfigError("--save-network-labels applies to a single image, not folder mode")
         return segment_folder(src, dst, options, args)
     if args.part is not None:
         raise ConfigError(f"--part {args.part} applies to folder mode; {src} is a single image")
@@ -98,6 +100,13 @@ def segment_single(src: Path, dst: Path, options, args) -> int:
                 raise InputImageError(f"{path}: exists; pass --overwrite to replace it")
     seg = load_segmenter(args, options, progress=not args.quiet)
     pred = seg.segment_file(src, outputs)
+    if args.save_network_labels:
+        import numpy as np
+
+        from .atomic import atomic_path
+
+        with atomic_path(args.save_network_labels) as tmp:
+            np.savez_compressed(tmp, labels=pred.network_labels)
     if args.report:
         _write_report(args.report, src, dst, pred, seg.backend, options, time.perf_counter() - t0)
     return 0
@@ -228,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune fast mode: roi=0/1, roi_crop=0/1, body_threshold_hu, body_margin, "
                         "label_upsampling=0/1, compute_dtype=float32/float64 (repeatable)")
     s.add_argument("--report", help="write stage timings and tile counts of a single-file run as JSON")
+    s.add_argument("--save-network-labels", metavar="PATH.npz",
+                   help="single file: also save the argmax at network resolution (what precision checks compare)")
     common(s)
     s.set_defaults(func=cmd_segment)
 
@@ -261,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_evaluate(sub)
     register_train(sub)
+    from .quantize import register as register_quantize
+
+    register_quantize(sub)
     return p
 
 

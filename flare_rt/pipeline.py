@@ -20,6 +20,7 @@ from .postprocess import labels_faithful, labels_refined, refinable
 from .preprocess import CropInfo, body_crop, compute_new_shape, ct_normalize, nonzero_crop, paste
 from .resample import make_plan, resample, upsample_labels_nearest
 from .window import DEFAULT_TILE_STEP, WindowConfig, pad_to_patch, sliding_window_blocks
+from .xp import to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class SegmentOptions:
     force: bool = False  # segment images whose intensities do not look like CT
     series_uid: str | None = None
     fast: FastOptions | None = None  # fast mode's settings (None: defaults); an error in faithful mode
+    network_labels: bool = False  # also keep the argmax of the blended logits at network resolution
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -107,6 +109,7 @@ class Prediction:
     timings: dict[str, float]
     tiles: int
     network_shape: tuple[int, int, int]
+    network_labels: np.ndarray | None = None  # (network_shape) uint8 argmax before resampling, when asked for
 
 
 class _Timer:
@@ -170,6 +173,9 @@ class Segmenter:
         with timer("window+export"), bar:
             blocks = sliding_window_blocks(data, network, meta.num_classes, self.window, keep_tile=keep,
                                            progress=bar)
+            net_labels = np.zeros(net_shape, dtype=np.uint8) if opts.network_labels else None
+            if net_labels is not None:
+                blocks = _keep_argmax(blocks, net_labels)
             back = make_plan(net_shape, crop.shape_after, meta.spacing, spacing, meta.resampling, probabilities=True)
             if fast and fast.label_upsampling and not opts.probabilities and refinable(back):
                 labels, probs = labels_refined(blocks, back), None
@@ -185,7 +191,7 @@ class Segmenter:
                 full[0][labels_mask_outside(crop)] = 1  # certain background outside the crop, as nnU-Net
                 probs = np.stack([reo.invert(p.transpose(meta.transpose_backward)) for p in full])
         timer.t["blend+resample"] = timer.t.pop("window+export")
-        return Prediction(np.ascontiguousarray(labels), probs, dict(timer.t), n_tiles[0], tuple(net_shape))
+        return Prediction(np.ascontiguousarray(labels), probs, dict(timer.t), n_tiles[0], tuple(net_shape), net_labels)
 
     def _tile_filter(self, cropped: np.ndarray, net_shape, threshold_hu: float):
         """Fast mode: keep only tiles that contain body voxels (above ``threshold_hu``)."""
@@ -244,6 +250,13 @@ class CaseOutputs:
         """Every file this case writes."""
         extra = [p for p in (self.statistics, self.preview) if p is not None]
         return [self.labels, *([self.probabilities] if probabilities else []), *extra]
+
+
+def _keep_argmax(blocks, out: np.ndarray):
+    """Pass ``(z0, z1, logits)`` blocks through, writing their argmax into ``out[z0:z1]``."""
+    for z0, z1, blk in blocks:
+        out[z0:z1] = to_numpy(blk.argmax(0))
+        yield z0, z1, blk
 
 
 def labels_mask_outside(crop: CropInfo) -> np.ndarray:

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 REGISTRY: dict[str, str] = {
     "onnxruntime": "flare_rt.backends.onnxrt:OnnxRuntimeBackend",
     "torch": "flare_rt.backends.torch_backend:TorchBackend",
+    "openvino": "flare_rt.backends.openvino:OpenVinoBackend",
 }
 #: ``--backend auto``: the backends tried, in order, per device (the first that loads is used).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -60,11 +61,15 @@ def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", 
         raise ConfigError(f"backend must be auto or one of {sorted(REGISTRY)}, got {backend!r}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
-    pairs = candidates(backend, device)
+    pairs = [(n, d, None) for n, d in candidates(backend, device)]
+    if backend == "auto" and any(d == "cpu" for _, d, _ in pairs):  # flare_rt.precision.choose_cpu decides
+        from .select import auto_cpu
+
+        pairs = [p for p in pairs if p[1] != "cpu"] + auto_cpu(bundle, _importable)
     errors = []
-    for i, (name, dev) in enumerate(pairs):
+    for i, (name, dev, compute) in enumerate(pairs):
         try:
-            b = _load(name)(bundle, BackendOptions(device=dev, threads=threads))
+            b = _load(name)(bundle, BackendOptions(device=dev, threads=threads, compute=compute))
         except BackendUnavailableError as exc:
             if backend != "auto" and i == len(pairs) - 1:
                 raise

@@ -14,6 +14,7 @@ from ..bundle import Bundle
 class BackendOptions:
     device: str = "cpu"  # "cpu" or "cuda" (resolved from "auto" by the registry)
     threads: int | None = None  # intra-op CPU threads; None: the runtime's default
+    compute: str | None = None  # network arithmetic (fp32/bf16/int8); None: what the bundle's precision asks
 
 
 class Backend(abc.ABC):

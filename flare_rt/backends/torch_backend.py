@@ -6,6 +6,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError
 from ..nets import network_from_bundle
+from ..precision import require_float_weights
 from ..xp import array_module
 from .base import Backend, BackendOptions
 
@@ -23,6 +24,7 @@ class TorchBackend(Backend):
 
     def __init__(self, bundle, options: BackendOptions):
         super().__init__(bundle, options)
+        require_float_weights(bundle.meta, bundle.path, "the torch backend", BackendUnavailableError)
         torch = _torch()
         if options.device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("torch has no CUDA device here; use --device cpu")

@@ -37,7 +37,9 @@ def build_network(architecture: UNetConfig | Mapping[str, Any], deep_supervision
 def network_from_bundle(bundle: "Bundle") -> "UNet":
     """The bundle's U-Net with its weights (read from the ONNX initializers), fp32, eval mode, on the CPU."""
     from ..onnx_graph import initializers
+    from ..precision import require_float_weights
 
+    require_float_weights(bundle.meta, bundle.path, "rebuilding its PyTorch network (torch backend, export)")
     unet = _unet_module()
     net = build_network(bundle.meta.architecture)
     inits = initializers(bundle.load_onnx())
