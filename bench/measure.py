@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flare_rt.devices import cpu_name
+
 log = logging.getLogger("bench.measure")
 
 SAMPLE_INTERVAL_S = 0.05
@@ -148,16 +150,6 @@ def agreement(ref: np.ndarray, test: np.ndarray, names: dict[int, str], min_voxe
 
 
 # -- machine and software ------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -192,7 +184,7 @@ def machine_info(repo: Path) -> dict:
     versions["flare-rt"] = _flare_rt_version(repo)
     dirty = _git(repo, "status", "--porcelain", "--", "flare_rt")
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_name(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

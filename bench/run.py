@@ -45,6 +45,7 @@ class System:
     kind: str  # "nnunet" (bench/nnunet_peer.py) or "flare" (python -m flare_rt segment)
     args: tuple[str, ...]
     description: str
+    precision: str = "fp32"  # which bundle: fp32, or a variant made by the `flare-rt quantize` recipe
 
 
 SYSTEMS: dict[str, System] = {s.name: s for s in [
@@ -64,10 +65,25 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
            "fast with float64 image resampling (as nnU-Net)"),
     System("fast_step0.6", "flare", ("--mode", "fast", "--step", "0.6"), "fast with tile step 0.6"),
     System("fast_step0.75", "flare", ("--mode", "fast", "--step", "0.75"), "fast with tile step 0.75"),
+    # backend x precision (issue 12); agreement with fast_ort, flare-rt's fp32 reference
+    System("fast_ort", "flare", ("--mode", "fast", "--backend", "onnxruntime"),
+           "fast on ONNX Runtime, fp32 (the fp32 reference of the precision columns)"),
+    System("fast_torch", "flare", ("--mode", "fast", "--backend", "torch"), "fast on PyTorch, fp32"),
+    System("fast_ov_fp32", "flare", ("--mode", "fast", "--backend", "openvino"), "fast on OpenVINO, fp32"),
+    System("fast_ov_bf16", "flare", ("--mode", "fast", "--backend", "openvino"),
+           "fast on OpenVINO, bf16 bundle (bf16 arithmetic)", "bf16"),
+    System("fast_ov_int8", "flare", ("--mode", "fast", "--backend", "openvino"),
+           "fast on OpenVINO, int8 bundle (calibrated on the DICOM patient)", "int8"),
+    System("fast_ort_int8", "flare", ("--mode", "fast", "--backend", "onnxruntime"),
+           "fast on ONNX Runtime, int8 bundle", "int8"),
+    System("fast_ov_fp32_b2", "flare", ("--mode", "fast", "--backend", "openvino", "--batch-size", "2"),
+           "fast on OpenVINO, fp32, two tiles per call"),
 ]}
 ABLATIONS = ("fast_roi0", "fast_roicrop", "fast_labelup0", "fast_f64", "fast_step0.6", "fast_step0.75")
+PRECISIONS = ("fast_ort", "fast_ov_fp32", "fast_ov_bf16", "fast_ov_int8")
 DEFAULT_SYSTEMS = ("nnunet", "faithful", "fast", *ABLATIONS)
-GROUPS = {"default": DEFAULT_SYSTEMS, "ablations": ABLATIONS, "all": tuple(SYSTEMS)}
+GROUPS = {"default": DEFAULT_SYSTEMS, "ablations": ABLATIONS, "precisions": PRECISIONS, "all": tuple(SYSTEMS)}
+FP32_REFERENCE = "fast_ort"  # the precision columns compare with this system's labels
 
 
 def parse_list(value: str, known, groups: dict | None = None, what: str = "item") -> list[str]:
@@ -91,7 +107,13 @@ def command(system: System, image: Path, out: Path, report: Path, bundle: Path, 
                 str(args.model_dir), "--fold", args.fold, "--threads", str(args.threads), "--report", str(report),
                 *system.args]
     return [sys.executable, "-m", "flare_rt", "segment", str(image), str(out), "--model", str(bundle),
-            "--threads", str(args.threads), "--report", str(report), "--overwrite", *system.args]
+            "--threads", str(args.threads), "--report", str(report), "--overwrite",
+            "--save-network-labels", str(network_labels_path(out)), *system.args]
+
+
+def network_labels_path(out: Path) -> Path:
+    """Where a flare-rt run saves its network-resolution argmax (beside its label file)."""
+    return out.with_name(out.name.replace(".nii.gz", ".net.npz"))
 
 
 def environment(system: System, threads: int) -> tuple[dict, dict]:
@@ -206,6 +228,7 @@ def add_agreement(case_result: dict, names: dict[int, str]) -> None:
     systems = case_result["systems"]
     ref_name = next((n for n in ("nnunet", "nnunet_files") if systems.get(n, {}).get("summary", {}).get("ok")), None)
     faithful_ok = systems.get("faithful", {}).get("summary", {}).get("ok")
+    fp32_ok = systems.get(FP32_REFERENCE, {}).get("summary", {}).get("ok")
     cache: dict[str, object] = {}
 
     def labels(name):
@@ -222,12 +245,28 @@ def add_agreement(case_result: dict, names: dict[int, str]) -> None:
             summ["vs_nnunet"]["reference"] = ref_name
         if faithful_ok and name.startswith("fast"):
             summ["vs_faithful"] = agreement(labels("faithful"), labels(name), names)
+        if fp32_ok and name != FP32_REFERENCE and SYSTEMS[name].kind == "flare":
+            summ["vs_fp32"] = agreement(labels(FP32_REFERENCE), labels(name), names)
+            if "error" not in summ["vs_fp32"]:
+                summ["vs_fp32"]["network_agreement"] = network_agreement(
+                    Path(systems[FP32_REFERENCE]["output"]), Path(systems[name]["output"]))
     for name, entry in systems.items():  # ratios against nnU-Net
         summ = entry["summary"]
         ref = systems.get(ref_name, {}).get("summary") if ref_name else None
         if summ.get("ok") and ref:
             summ["time_ratio"] = ref["wall_s"]["median"] / summ["wall_s"]["median"]
             summ["mem_ratio"] = summ["peak_rss_gb"]["median"] / ref["peak_rss_gb"]["median"]
+
+
+def network_agreement(ref_out: Path, out: Path) -> float | None:
+    """Voxel argmax agreement at network resolution of two flare-rt runs (None when not comparable)."""
+    import numpy as np
+
+    try:
+        a, b = (np.load(network_labels_path(p))["labels"] for p in (ref_out, out))
+    except (OSError, KeyError, ValueError):
+        return None
+    return float((a == b).mean()) if a.shape == b.shape else None
 
 
 # -- Markdown ------------------------------------------------------------------------------------------
@@ -287,17 +326,22 @@ def markdown(result: dict) -> str:
                   f"{'×'.join(map(str, info['spacing_xyz']))} mm.", "",
                   "| system | wall s | peak RSS GB | time ratio (nnU-Net/system) | mem ratio (system/nnU-Net) "
                   "| network s | tiles | min Dice vs nnU-Net (class) | voxel agreement vs nnU-Net "
-                  "| min Dice vs faithful (class) | voxel agreement vs faithful |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| min Dice vs faithful (class) | voxel agreement vs faithful "
+                  f"| min Dice vs fp32 {FP32_REFERENCE} (class) | network argmax agreement vs fp32 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         failures = []
         for name, entry in c["systems"].items():
             s = entry["summary"]
             if not s.get("ok"):
-                lines.append(f"| {name} | FAILED {s.get('error', '')} | — | — | — | — | — | — | — | — | — |")
+                lines.append(f"| {name} | FAILED {s.get('error', '')} | — | — | — | — | — | — | — | — | — | — | — |")
                 failures.append((name, s.get("stderr_tail", "")))
                 continue
             d_nn, a_nn = _dice(s.get("vs_nnunet"))
             d_fa, a_fa = _dice(s.get("vs_faithful"))
+            d_32, _ = _dice(s.get("vs_fp32"))
+            n_32 = _f((s.get("vs_fp32") or {}).get("network_agreement"), "{:.5f}")
+            if name == FP32_REFERENCE:
+                d_32 = n_32 = "reference"
             if name in ("nnunet", "nnunet_files") and "vs_nnunet" not in s:
                 d_nn, a_nn = "reference", "reference"
             flag = "" if s["repeats_identical"] else " ⚠ outputs differ across repeats"
@@ -305,7 +349,7 @@ def markdown(result: dict) -> str:
                 f"| {name}{flag} | {_range(s['wall_s'], '{:.1f}')} | {_range(s['peak_rss_gb'], '{:.2f}')} "
                 f"| {_f(s.get('time_ratio'), '{:.2f}×')} | {_f(s.get('mem_ratio'), '{:.2f}')} "
                 f"| {_f(s['stages_median_s'].get('network'))} | {_f(s.get('tiles'), '{}')} "
-                f"| {d_nn} | {a_nn} | {d_fa} | {a_fa} |")
+                f"| {d_nn} | {a_nn} | {d_fa} | {a_fa} | {d_32} | {n_32} |")
         fast = c["systems"].get("fast", {}).get("summary", {})
         if fast.get("time_ratio") is not None:
             tr, mr = fast["time_ratio"], fast["mem_ratio"]
@@ -357,6 +401,32 @@ def ensure_bundle(args) -> tuple[Path, str | None]:
     return bundle, None
 
 
+def variant_command(fp32: Path, out: Path, precision: str, cache: Path, threads: int) -> list[str]:
+    """The shipped `flare-rt quantize` recipe: int8 calibrated on the DICOM patient (not a benchmark
+    case), agreement measured on both benchmark CTs (ircad01 and ts269)."""
+    from cases import DATA
+
+    cmd = [sys.executable, "-m", "flare_rt", "quantize", str(fp32), str(out), "--precision", precision,
+           "--check", str(CASES["ircad01"].locate(cache)), "--check", str(CASES["ts269"].locate(cache)),
+           "--threads", str(threads)]
+    return cmd + (["--calibration", str(DATA / "ts_dicom")] if precision == "int8" else [])
+
+
+def ensure_variant(args, fp32: Path, precision: str) -> tuple[Path, str | None]:
+    """The bf16/int8 bundle made once from ``fp32`` with :func:`variant_command`, and an error, if any."""
+    out = fp32.with_name(fp32.name.replace("_fp32.onnx", "") + f"_{precision}.onnx")
+    if out.is_file() and not args.rebuild_bundle:
+        return out, None
+    log.info("creating the %s variant %s (once; segments both benchmark CTs twice)", precision, out)
+    res = run_monitored(variant_command(fp32, out, precision, args.cache, args.threads),
+                        args.cache / f"quantize-{precision}", env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+                        timeout_s=args.timeout)
+    if not res.ok:
+        log.error("flare-rt quantize %s failed (rc=%s)\n%s", precision, res.returncode, res.stderr_tail)
+        return out, f"variant creation failed (quantize rc={res.returncode}):\n{res.stderr_tail}"
+    return out, None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="CPU benchmark: flare-rt vs nnU-Net v2's predictor (see bench/README.md)")
     p.add_argument("--cases", default=",".join(DEFAULT_CASES),
@@ -402,16 +472,23 @@ def main(argv=None) -> int:
 
     bundle, bundle_error = (ensure_bundle(args) if any(SYSTEMS[n].kind == "flare" for n in system_names)
                             else (None, None))
+    bundles, bundle_errors = {"fp32": bundle}, {"fp32": bundle_error}
+    for precision in sorted({SYSTEMS[n].precision for n in system_names} - {"fp32"}):
+        bundles[precision], bundle_errors[precision] = (
+            ensure_variant(args, bundle, precision) if not bundle_error else (None, bundle_error))
     if args.prepare_only:
         for case in case_names:
             log.info("%s: %s", case, image_info(CASES[case].locate(args.cache)))
-        log.info("bundle: %s%s", bundle, f" ({bundle_error})" if bundle_error else "")
-        return 1 if bundle_error else 0
+        for precision, path in bundles.items():
+            log.info("%s bundle: %s%s", precision, path, f" ({bundle_errors[precision]})" if bundle_errors[precision]
+                     else "")
+        return 1 if any(bundle_errors.values()) else 0
     work.mkdir(parents=True, exist_ok=True)
     result = {"timestamp": stamp, "machine": machine_info(REPO),
               "config": {"cases": case_names, "systems": system_names, "repeats": args.repeats,
                          "warmup": args.warmup, "threads": args.threads, "model_dir": str(args.model_dir),
                          "fold": args.fold, "bundle": str(bundle), "timeout_s": args.timeout,
+                         "bundles": {k: str(v) for k, v in bundles.items()},
                          "work_dir": str(work), "argv": sys.argv},
               "systems": {n: asdict(SYSTEMS[n]) for n in system_names}, "cases": {}}
     if result["machine"]["loadavg_at_start"][0] > 0.5:
@@ -438,11 +515,11 @@ def main(argv=None) -> int:
                 for name in system_names:
                     k += 1
                     log.info("[%d/%d] %s %s %s ...", k, total, case, name, rep)
-                    if bundle_error and SYSTEMS[name].kind == "flare":
-                        run = {"rep": rep, "ok": False, "returncode": None, "timed_out": False,
-                               "stderr_tail": bundle_error}
+                    error = bundle_errors.get(SYSTEMS[name].precision)
+                    if error and SYSTEMS[name].kind == "flare":
+                        run = {"rep": rep, "ok": False, "returncode": None, "timed_out": False, "stderr_tail": error}
                     else:
-                        run = run_once(SYSTEMS[name], case, image, rep, work, bundle, args)
+                        run = run_once(SYSTEMS[name], case, image, rep, work, bundles[SYSTEMS[name].precision], args)
                     if run["ok"]:
                         log.info("[%d/%d] %s %s %s: %.1f s, peak RSS %.2f GB", k, total, case, name, rep,
                                  run["wall_s"], run["peak_rss_gb"])

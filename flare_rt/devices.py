@@ -1,11 +1,13 @@
-"""Is there a CUDA GPU? Asked of the NVIDIA driver itself (``libcuda``), so that ``--device auto``
+"""What the machine has: its CPU model, and is there a CUDA GPU? Asked of the NVIDIA driver itself (``libcuda``), so that ``--device auto``
 on a machine without a GPU costs no torch or CuPy import and no CUDA context."""
 from __future__ import annotations
 
 import ctypes
 import functools
 import logging
+import platform
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -30,3 +32,14 @@ def cuda_device_count() -> int:
         except AttributeError:  # not the driver library
             continue
     return 0
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name; the platform's answer elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

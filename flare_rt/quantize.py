@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from .agreement import MIN_VOXELS, label_agreement
 from .backends.base import Backend, BackendOptions
 from .bundle import VARIANT_FORMAT_VERSION, Bundle, write_bundle
+from .devices import cpu_name
 from .errors import BackendUnavailableError, ConfigError, InputImageError, ModelError
 from .precision import FLOAT_PRECISIONS, VARIANT_PRECISIONS, CaseAgreement, FileHash, PrecisionRecord, sha256_path
 
@@ -207,16 +207,6 @@ def measure_agreement(reference: Bundle, variant: Bundle, cts: list[Path], optio
                  case.voxel_agreement, case.min_dice, labels["min_dice_class"])
         out.append(case)
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def quantize(bundle_path: str | Path, out: str | Path, options: QuantizeOptions,
