@@ -84,11 +84,12 @@ def make(cfg: Config, bundles: dict[str, Bundle], threads: int):
     return OpenVinoBackend(bundles[cfg.bundle], opts, OvSettings(**cfg.settings))
 
 
-def run_tiles(net, tiles: np.ndarray, batch: int) -> tuple[np.ndarray, float]:
-    outs, t0 = [], time.perf_counter()
+def run_tiles(net, tiles: np.ndarray, batch: int) -> tuple[np.ndarray, float, float]:
+    """Logits, wall seconds per tile, CPU seconds per tile (this process, all threads)."""
+    outs, t0, c0 = [], time.perf_counter(), time.process_time()
     for i in range(0, len(tiles), batch):
         outs.append(net(tiles[i:i + batch]))
-    return np.concatenate(outs), (time.perf_counter() - t0) / len(tiles)
+    return np.concatenate(outs), (time.perf_counter() - t0) / len(tiles), (time.process_time() - c0) / len(tiles)
 
 
 def main(argv=None) -> int:
@@ -123,13 +124,15 @@ def main(argv=None) -> int:
         nets[cfg.name] = make(cfg, bundles, args.threads)
         nets[cfg.name](tiles[:cfg.batch])  # compile / warm up this batch size
         load_s[cfg.name] = time.perf_counter() - t0
-    ref, _ = run_tiles(make(Config("ref", "onnxruntime", "fp32"), bundles, args.threads), tiles, 1)
+    ref, _, _ = run_tiles(make(Config("ref", "onnxruntime", "fp32"), bundles, args.threads), tiles, 1)
     samples: dict[str, list[float]] = {c.name: [] for c in cfgs}
+    cpu: dict[str, list[float]] = {c.name: [] for c in cfgs}
     accuracy = {}
     for r in range(args.repeats):
         for cfg in cfgs:
-            out, per_tile = run_tiles(nets[cfg.name], tiles, cfg.batch)
+            out, per_tile, cpu_tile = run_tiles(nets[cfg.name], tiles, cfg.batch)
             samples[cfg.name].append(per_tile)
+            cpu[cfg.name].append(cpu_tile)
             if r == 0:
                 accuracy[cfg.name] = {"max_abs_vs_ort_fp32": float(np.abs(out - ref).max()),
                                       "ref_max": float(np.abs(ref).max()),
@@ -139,18 +142,19 @@ def main(argv=None) -> int:
     for cfg in cfgs:
         s = samples[cfg.name]
         rows.append({"config": asdict(cfg), "describe": nets[cfg.name].describe(), "s_per_tile_median": statistics.median(s),
-                     "s_per_tile_min": min(s), "samples": s, "load_s": load_s[cfg.name], **accuracy[cfg.name]})
+                     "s_per_tile_min": min(s), "samples": s,
+                     "cpu_s_per_tile_median": statistics.median(cpu[cfg.name]), "load_s": load_s[cfg.name], **accuracy[cfg.name]})
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"timestamp": stamp, "machine": machine_info(REPO), "case": args.case, "tiles": int(len(tiles)),
               "threads": args.threads, "repeats": args.repeats, "loadavg_end": os.getloadavg(), "rows": rows}
     path = args.out / f"cpu_backends-{stamp}.json"
     path.write_text(json.dumps(result, indent=1, default=str))
-    lines = ["| config | backend | s/tile median (min) | load s | max abs vs ORT fp32 (ref max) | argmax agreement |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | backend | s/tile median (min) | CPU s/tile | load s | max abs vs ORT fp32 (ref max) "
+             "| argmax agreement |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['config']['name']} | {row['describe']} | {row['s_per_tile_median']:.3f} "
-                     f"({row['s_per_tile_min']:.3f}) | {row['load_s']:.1f} | {row['max_abs_vs_ort_fp32']:.3g} "
+                     f"({row['s_per_tile_min']:.3f}) | {row['cpu_s_per_tile_median']:.3f} | {row['load_s']:.1f} | {row['max_abs_vs_ort_fp32']:.3g} "
                      f"({row['ref_max']:.3g}) | {row['argmax_agreement_vs_ort_fp32']:.5f} |")
     sys.stdout.write("\n".join(lines) + "\n")
     log.info("wrote %s (load average at the end %s)", path, result["loadavg_end"])

@@ -3,10 +3,14 @@ as a bundle of its own that records how it was made and what it keeps.
 
 - **bf16**: the same graph; the metadata asks for bf16 arithmetic (OpenVINO on a CPU with
   AVX512_BF16/AMX).
-- **int8**: post-training quantisation to a QDQ ONNX graph (NNCF, or ONNX Runtime's static QDQ
-  quantiser), calibrated on the patches the network sees for the CTs in ``--calibration`` (the
-  pipeline's own preprocessing and tile placement). Convolutions are quantised (weights per
-  channel, activations per tensor); InstanceNorm and the last convolution stay in fp32.
+- **int8**: post-training quantisation to a QDQ ONNX graph, calibrated on the tiles the network
+  sees for the CTs in ``--calibration`` (the pipeline's own preprocessing and tile placement).
+  Convolutions are quantised (weights int8 per channel, activations uint8 per tensor);
+  InstanceNorm and the last convolution stay fp32. The default quantiser is ONNX Runtime's static
+  QDQ (``--method ort``): OpenVINO runs its graph as ONNX Runtime does. NNCF's ONNX graph
+  (``--method nncf``) ran in ONNX Runtime within 1-2 % of fp32 per tile but OpenVINO 2026.4 ran it
+  at 0.77 argmax agreement, and ONNX Runtime's int8 3D convolutions are slower than its fp32 ones
+  (bench/README.md).
 
 Both then segment each ``--check`` CT with the variant and with the fp32 bundle (ONNX Runtime, fp32)
 and record per-class Dice (classes >= 1000 voxels) and the argmax agreement at network resolution;

@@ -134,3 +134,24 @@ def test_calibration_must_not_hold_a_check_case(fp32_bundle, tmp_path, capsys, s
     rc = main(["quantize", str(fp32_bundle), str(tmp_path / "q.onnx"), "--precision", "int8", "--calibration",
                str(folder), "--check", str(small_ct_path), "-q"])
     one_line_error(capsys, rc, 6, "holds a --check case")
+
+
+def test_nncf_method_gives_a_qdq_graph_close_to_fp32(fp32_bundle, example_ct_path):
+    require_module("nncf", "openvino")
+    import onnxruntime as ort
+
+    from flare_rt.onnx_graph import to_fp32
+    from flare_rt.quantize import quantize_int8
+
+    b = Bundle.load(fp32_bundle)
+    tiles = calibration_tiles(b, [example_ct_path], 2)
+    q, method, settings = quantize_int8(to_fp32(b.load_onnx()), tiles, b.meta.input_name,
+                                        QuantizeOptions("int8", method="nncf"))
+    assert method.startswith("NNCF") and settings["patches"] == 2
+    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+    assert q.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    run = {m: ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"])
+           for m, g in (("fp32", b.load_onnx()), ("int8", q))}
+    out = {m: s.run(None, {"image": tiles})[0] for m, s in run.items()}
+    agreement = float((out["fp32"].argmax(1) == out["int8"].argmax(1)).mean())
+    assert 0.8 < agreement < 1.0, agreement
