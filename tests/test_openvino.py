@@ -67,7 +67,7 @@ def test_matches_onnxruntime_on_real_patches(bundle, pair, real_tiles):
 
     ov, ort = pair
     net = network_from_bundle(bundle).double()
-    for i, tile in enumerate(real_tiles[1:]):  # the first holds little body (float64 convolutions are slow)
+    for i, tile in enumerate(real_tiles[1:]):  # two tiles: float64 3D convolutions are slow
         x = tile[None]
         with torch.no_grad():
             exact = net(torch.from_numpy(x).double()).numpy()
