@@ -3,26 +3,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, FlareError, InputImageError
+from .resources import default_model
 
 log = logging.getLogger("flare_rt")
 
-
-
-def default_model() -> Path:
-    from .resources import DEFAULT_MODEL_NAME, default_model as resolve, MODEL_ENV
-
-    path = resolve()
-    if not os.environ.get(MODEL_ENV) and path.name == DEFAULT_MODEL_NAME:
-        log.warning("no --model given: using the packaged coarse DEMONSTRATION model %s (trained on one 30-slice "
-                    "scan; not accurate)", path.name)
-    return path
 
 
 # -- segment ----------------------------------------------------------------------------------------
@@ -65,6 +55,8 @@ def load_segmenter(args, options, progress: bool):
 
     t0 = time.perf_counter()
     bundle = Bundle.load(args.model or default_model())
+    if not args.model:
+        log.info("no --model given: the packaged model %s", bundle.path.name)
     backend = create_backend(bundle, args.backend, args.device, args.threads)
     seg = Segmenter(bundle, backend, options, progress=progress)
     log.info("model %s loaded in %.2fs (%s, %s mode)", bundle.path.name, time.perf_counter() - t0,
@@ -87,6 +79,8 @@ def cmd_segment(args) -> int:
 
 
 def segment_single(src: Path, dst: Path, options, args) -> int:
+    from .pipeline import StageTimer
+
     t0 = time.perf_counter()
     dst = _output_path(src, dst)
     if dst.resolve() == src.resolve():
@@ -96,8 +90,13 @@ def segment_single(src: Path, dst: Path, options, args) -> int:
         for path in outputs.files(options.probabilities):
             if path.exists():
                 raise InputImageError(f"{path}: exists; pass --overwrite to replace it")
+    from .io import load_volume
+
+    timer = StageTimer()
+    with timer("read"):  # bad input fails before the model is loaded
+        vol = load_volume(src, options.series_uid, options.force)
     seg = load_segmenter(args, options, progress=not args.quiet)
-    pred = seg.segment_file(src, outputs)
+    pred = seg.segment_volume(vol, outputs, timer)
     if args.report:
         _write_report(args.report, src, dst, pred, seg.backend, options, time.perf_counter() - t0)
     return 0

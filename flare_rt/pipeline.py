@@ -14,11 +14,13 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import ConfigError
-from .io import Volume, image_suffix, load_volume, write_labels, write_probabilities
+from .atomic import split_suffix
+from .io import Volume, load_volume, write_labels, write_probabilities
 from .orientation import plan_reorientation
 from .postprocess import labels_faithful, labels_refined, refinable
 from .preprocess import CropInfo, body_crop, compute_new_shape, ct_normalize, nonzero_crop, paste
 from .resample import make_plan, resample, upsample_labels_nearest
+from .statistics import default_statistics_path, sidecar_path
 from .window import DEFAULT_TILE_STEP, WindowConfig, pad_to_patch, sliding_window_blocks
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ class Prediction:
     network_shape: tuple[int, int, int]
 
 
-class _Timer:
+class StageTimer:
     def __init__(self):
         self.t: dict[str, float] = {}
 
@@ -133,11 +135,12 @@ class Segmenter:
         self.window = WindowConfig(patch_size=meta.patch_size, step=step, batch_size=options.batch_size,
                                    mirror_axes=meta.mirror_axes if tta else ())
         if meta.demo:
-            log.warning("%s is a coarse DEMONSTRATION model: its segmentations are not accurate", bundle.path)
+            log.warning("%s is a coarse DEMONSTRATION model (%s): its segmentations are not accurate",
+                        bundle.path.name, meta.description or "demo")
 
     # -- stages -------------------------------------------------------------------------------
-    def predict(self, volume: Volume, timer: _Timer | None = None) -> Prediction:
-        timer = timer or _Timer()
+    def predict(self, volume: Volume, timer: StageTimer | None = None) -> Prediction:
+        timer = timer or StageTimer()
         meta, opts = self.bundle.meta, self.options
         fast = opts.fast_options
         with timer("preprocess"):
@@ -203,15 +206,33 @@ class Segmenter:
     # -- files --------------------------------------------------------------------------------
     def segment_file(self, src: str | Path, outputs: "CaseOutputs | str | Path") -> Prediction:
         """Read ``src``, segment it, write the labels (and what ``outputs`` and the options ask for)."""
-        outputs = outputs if isinstance(outputs, CaseOutputs) else CaseOutputs(Path(outputs))
-        timer = _Timer()
+        timer = StageTimer()
         with timer("read"):
             vol = load_volume(src, self.options.series_uid, self.options.force)
+        return self.segment_volume(vol, outputs, timer)
+
+    def segment_volume(self, vol: Volume, outputs: "CaseOutputs | str | Path", timer: StageTimer | None = None) -> Prediction:
+        """Segment a loaded volume and write the labels (and what ``outputs`` and the options ask for)."""
+        outputs = outputs if isinstance(outputs, CaseOutputs) else CaseOutputs(Path(outputs))
+        timer = timer or StageTimer()
+        src = vol.source
         pred = self.predict(vol, timer)
         with timer("write"):
             write_labels(pred.labels, vol.reference, outputs.labels)
             if pred.probabilities is not None:
                 write_probabilities(pred.probabilities, self.bundle.meta.labels, outputs.probabilities)
+            names = {k: v for k, v in self.bundle.meta.labels.items() if k != 0}
+            if outputs.statistics is not None:
+                from .statistics import statistics_report, structure_statistics, write_statistics_json
+
+                stats = structure_statistics(pred.labels, vol.array, vol.spacing, names)
+                write_statistics_json(statistics_report(stats, outputs.case, vol.spacing, self.bundle.meta.name),
+                                      outputs.statistics)
+            if outputs.preview is not None:
+                from .preview import render_preview
+
+                render_preview(vol.array, pred.labels, vol.spacing, vol.direction, outputs.preview,
+                               title=f"{outputs.case} ({self.bundle.meta.name})", names=names)
         pred.timings = dict(timer.t)
         log.info("%s -> %s: %s", src, outputs.labels, ", ".join(f"{k} {v:.2f}s" for k, v in pred.timings.items()))
         return pred
@@ -226,19 +247,21 @@ class CaseOutputs:
     preview: Path | None = None
 
     @property
-    def stem(self) -> str:
-        return self.labels.name[: -len(image_suffix(self.labels))] if image_suffix(self.labels) else self.labels.stem
+    def case(self) -> str:
+        return split_suffix(self.labels)[0]
 
     @property
     def probabilities(self) -> Path:
         """``<name>.npz`` beside the labels (nnU-Net's convention), written when probabilities are asked for."""
-        return self.labels.with_name(self.stem + ".npz")
+        return sidecar_path(self.labels, ".npz")
 
     def default_statistics(self) -> Path:
-        return self.labels.with_name(self.stem + "_statistics.json")
+        return default_statistics_path(self.labels)
 
     def default_preview(self) -> Path:
-        return self.labels.with_name(self.stem + "_preview.png")
+        from .preview import default_preview_path
+
+        return default_preview_path(self.labels)
 
     def files(self, probabilities: bool) -> list[Path]:
         """Every file this case writes."""

@@ -216,3 +216,10 @@ def write_statistics_csv(reports: Iterable[Mapping], path: str | Path) -> Path:
                 row[f"{name}_mean_hu"] = "" if s["mean_hu"] is None else s["mean_hu"]
             writer.writerow([row.get(c, "") for c in columns])
     return path
+
+
+def write_folder_csv(folder: str | Path, path: str | Path) -> Path:
+    """The folder's CSV from every ``*_statistics.json`` in it (so it is complete whichever of several
+    workers writes it last), one row per case in name order."""
+    files = sorted(Path(folder).glob(f"*{STATISTICS_SUFFIX}"))
+    return write_statistics_csv((read_statistics_json(f) for f in files), path)
