@@ -16,6 +16,8 @@ from .loader import load_kernels
 MAX_TILES_PER_LAUNCH = 64
 _MAX_GRID_Z = 65535
 _BLOCK = (32, 8, 1)
+#: A null device pointer, passed by value as 8 zero bytes (how CuPy passes None differs by version).
+_NULL = np.uint64(0)
 
 
 class KernelArgumentError(FlareError, ValueError):
@@ -111,13 +113,14 @@ def labels_from_logits(logits, src, out_plane, *, weights=None, empty_background
     sk, sz, sy, sx = _element_strides("logits", logits)
     wsz, wsy, wsx = _element_strides("weights", weights) if weights is not None else (0, 0, 0)
     fn = load_kernels(cp)["labels_from_logits_f16" if logits.dtype == np.float16 else "labels_from_logits_f32"]
+    w_arg = weights if weights is not None else _NULL
     src_dev = cp.asarray(src.astype(np.int32))
     i64, i32 = np.int64, np.int32
     for start in range(0, n, _MAX_GRID_Z):
         m = min(n - start, _MAX_GRID_Z)
         grid = ((xo + _BLOCK[0] - 1) // _BLOCK[0], (yo + _BLOCK[1] - 1) // _BLOCK[1], m)
         fn(grid, _BLOCK, (logits, i32(k), i64(sk), i64(sz), i64(sy), i64(sx),
-                          weights, i64(wsz), i64(wsy), i64(wsx), i32(bool(empty_background)),
+                          w_arg, i64(wsz), i64(wsy), i64(wsx), i32(bool(empty_background)),
                           src_dev[start:start + m], i32(m),
                           ylo, yhi, wy, i32(yo), xlo, xhi, wx, i32(xo), out[start:start + m]))
     return out

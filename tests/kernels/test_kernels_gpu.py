@@ -5,9 +5,14 @@ a real CT and on random shapes (edge tiles, ties, strided views), fp32 and fp16,
 loaded both ways (prebuilt fatbin and NVRTC). Skipped without CuPy and a CUDA device."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from conftest import REPO
 from flare_rt.bundle import Bundle
 from flare_rt.kernels import accumulate_tiles, labels_from_logits, load_kernels, ops
 from flare_rt.kernels.loader import load_module
@@ -40,10 +45,18 @@ def test_real_cupy_loads_the_prebuilt_fatbin_or_says_why(cupy_device, tmp_path, 
         assert module.choice.how == "prebuilt", module.describe()
 
 
-def test_nvrtc_uses_the_flare_rt_cache(cupy_device, tmp_path, monkeypatch):
-    monkeypatch.setenv("FLARE_RT_CACHE", str(tmp_path))
-    load_module(cupy_device, int(cupy_device.cuda.Device().compute_capability), "nvrtc")
-    assert list((tmp_path / "kernels").iterdir()), "CuPy wrote no compiled kernel into the flare-rt cache"
+def test_nvrtc_uses_the_flare_rt_cache(cupy_device, tmp_path):
+    """In a fresh process (CuPy memoizes compiled modules per process): NVRTC's cubin lands in the
+    flare-rt cache folder, and the next process loads it from there."""
+    code = ("import cupy; from flare_rt.kernels.loader import load_module; "
+            "m = load_module(cupy, int(cupy.cuda.Device().compute_capability), 'nvrtc'); print(m.describe())")
+    env = {**os.environ, "FLARE_RT_CACHE": str(tmp_path)}
+    env.pop("CUPY_CACHE_DIR", None)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+    cached = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+    assert any(name.endswith(".cubin") for name in cached), cached
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+    assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == cached  # reused, not recompiled
 
 
 # -- labels_from_logits --------------------------------------------------------------------------
