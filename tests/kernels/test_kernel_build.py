@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run
+from kernel_tools import REPO, run
 from flare_rt.kernels.loader import ENTRY_POINTS, NVRTC_OPTIONS, Manifest, Package
 
 PACKAGE = Package()

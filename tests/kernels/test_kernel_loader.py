@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from kernel_tools import REPO
 from fake_cupy import FakeCupy, source_entry_points
 from flare_rt.errors import BackendUnavailableError, ConfigError
 from flare_rt.kernels import loader

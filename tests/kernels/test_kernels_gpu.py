@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from kernel_tools import REPO
 from flare_rt.bundle import Bundle
 from flare_rt.kernels import accumulate_tiles, labels_from_logits, load_kernels, ops
 from flare_rt.kernels.loader import load_module
