@@ -42,8 +42,8 @@ def assert_refused(rc: int, err: str, names, *problem: str, code: int = INPUT_ER
 
 
 @pytest.fixture(scope="module")
-def ct_path(shared_data) -> Path:
-    return shared_data / "ts_example_ct_sm.nii.gz"
+def ct_path(small_ct_path) -> Path:
+    return small_ct_path
 
 
 @pytest.fixture(scope="module")

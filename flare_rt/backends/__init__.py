@@ -16,7 +16,12 @@ REGISTRY: dict[str, str] = {
     "onnxruntime": "flare_rt.backends.onnxrt:OnnxRuntimeBackend",
     "torch": "flare_rt.backends.torch_backend:TorchBackend",
 }
-AUTO_ORDER = ("onnxruntime", "torch")
+#: ``--backend auto``: the backends tried, in order, per device (the first that loads is used).
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("torch", "onnxruntime"),
+    "cpu": ("onnxruntime", "torch"),
+}
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _load(name: str):
@@ -29,23 +34,25 @@ def _importable(module: str) -> bool:
 
 
 def resolve_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
+    """``auto`` → ``cuda`` where the NVIDIA driver reports a GPU, else ``cpu`` (no torch/CuPy import)."""
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device != "auto":
         return device
-    try:
-        from .onnxrt import cuda_available
+    from ..devices import cuda_device_count
 
-        if cuda_available():
-            return "cuda"
-    except BackendUnavailableError:
-        pass
-    if _importable("torch"):
-        import torch
+    return "cuda" if cuda_device_count() > 0 else "cpu"
 
-        if torch.cuda.is_available():
-            return "cuda"
-    return "cpu"
+
+def candidates(backend: str, device: str) -> list[tuple[str, str]]:
+    """The (backend, device) pairs to try, in order. ``auto`` device on a GPU machine falls back to the
+    CPU when no GPU backend is installed."""
+    devices = [resolve_device(device)]
+    if device == "auto" and devices[0] == "cuda":
+        devices.append("cpu")
+    if backend != "auto":
+        return [(backend, d) for d in devices]
+    return [(b, d) for d in devices for b in AUTO_ORDER[d] if _importable(b)]
 
 
 def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", threads: int | None = None) -> Backend:
@@ -53,18 +60,21 @@ def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", 
         raise ConfigError(f"backend must be auto or one of {sorted(REGISTRY)}, got {backend!r}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
-    options = BackendOptions(device=resolve_device(device), threads=threads)
-    names = [backend] if backend != "auto" else [n for n in AUTO_ORDER if _importable(n)]
+    pairs = candidates(backend, device)
     errors = []
-    for name in names:
+    for i, (name, dev) in enumerate(pairs):
         try:
-            b = _load(name)(bundle, options)
-            log.info("backend: %s", b.describe())
-            return b
+            b = _load(name)(bundle, BackendOptions(device=dev, threads=threads))
         except BackendUnavailableError as exc:
-            if backend != "auto":
+            if backend != "auto" and i == len(pairs) - 1:
                 raise
-            errors.append(f"{name}: {exc}")
+            errors.append(f"{name} on {dev}: {exc}")
+            continue
+        if errors:
+            log.info("backend %s (not usable: %s)", b.describe(), "; ".join(errors))
+        else:
+            log.info("backend: %s", b.describe())
+        return b
     raise BackendUnavailableError("no backend could run this bundle: " + "; ".join(errors or ["none installed"]))
 
 
