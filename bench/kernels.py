@@ -110,10 +110,10 @@ def bench_labels(cp, k, net_shape, out_shape, rows, repeat):
 
 def library_boundary_share(cp, logits, plan):
     """Share of output voxels whose four network neighbours disagree (where refine_plane interpolates)."""
-    from flare_rt.postprocess import _bilinear_axis
+    from flare_rt.resample import linear_weights
 
     net = logits.argmax(0)
-    (y0, y1, _), (x0, x1, _) = (_bilinear_axis(n, m) for n, m in zip(plan.in_shape[1:], plan.out_shape[1:]))
+    (y0, y1, _), (x0, x1, _) = (linear_weights(n, m) for n, m in zip(plan.in_shape[1:], plan.out_shape[1:]))
     y0, y1, x0, x1 = (cp.asarray(a) for a in (y0, y1, x0, x1))
     a = net[:, y0][:, :, x0]
     diff = (a != net[:, y0][:, :, x1]) | (a != net[:, y1][:, :, x0]) | (a != net[:, y1][:, :, x1])
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
         if path == "library":
             lib[key] = r["median_ms"]
         gain = f"{lib[key] / r['median_ms']:.1f}x" if path == "kernel" and key in lib else ""
-        print(f"{op:<36} {path:<8} {dtype:<5} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['pool_mib']:>9.1f} {gain:>9}")
+        print(f"{op:<36} {path:<8} {dtype:<5} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['pool_mib']:>9.1f} "
+              f"{gain:>9}")
         out_rows.append({"operation": op, "path": path, "dtype": dtype, **r})
     if args.json:
         with atomic_path(args.json) as tmp:

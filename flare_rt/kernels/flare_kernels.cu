@@ -59,11 +59,12 @@ __device__ __forceinline__ void argmax_step(float v, int j, float& best, int& id
 // out[i, yo, xo] = argmax_k of the bilinearly resized logits[k, src[i]] at (yo, xo), computed as
 // refine_plane does: where the network-resolution argmax of the four neighbours a, b, c, d agrees,
 // that label; elsewhere the argmax of (1-wy)*((1-wx)*a + wx*b) + wy*((1-wx)*c + wx*d) in float32.
-// The sample tables (ylo, yhi, wy; xlo, xhi, wx) are postprocess._bilinear_axis's, computed on the
-// host. With `weights` (the blend's weight sum, same rows/plane as logits), the values are first
-// normalised as window.sliding_window_blocks emits them: where(w > 0, acc / max(w, 1e-30), 0), and
-// with `empty_background` class 0 gets 1 where w == 0. Strides are in elements and may be any value
-// (the logits are typically an un-padding view of the blend buffer).
+// The sample tables (ylo, yhi, wy; xlo, xhi, wx) are resample.linear_weights' (float32 weights), as
+// refine_plane uses them, computed on the host. With `weights` (the blend's weight sum, same rows and
+// plane as the logits), the values are first normalised as window.sliding_window_blocks emits them:
+// where(w > 0, acc / max(w, 1e-30), 0), and with `empty_background` class 0 gets 1 where w == 0.
+// Strides are in elements and may be any value (the logits are typically an un-padding view of the
+// blend buffer).
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 __device__ __forceinline__ float logit_value(const T* __restrict__ logits, i64 off, bool weighted,
@@ -168,18 +169,20 @@ __device__ __forceinline__ void accumulate_tiles_impl(
     if (cover == 0ull) return;
     const i64 plane = (i64)Y * X, volume = (i64)D * plane, tile = (i64)pz * py * px;
     const i64 v = (i64)z * plane + (i64)y * X + x;
+    // offset of this voxel inside tile b
+    auto in_tile = [&](int b) -> i64 {
+        return ((i64)(z - origins[3 * b]) * py + (y - origins[3 * b + 1])) * px + (x - origins[3 * b + 2]);
+    };
     float w = wsum[v];
     for (int b = 0; b < B; ++b) {
-        if (!((cover >> b) & 1ull)) continue;
-        const i64 t = ((i64)(z - origins[3 * b]) * py + (y - origins[3 * b + 1])) * px + (x - origins[3 * b + 2]);
-        w = add_rn(w, gauss[t]);
+        if ((cover >> b) & 1ull) w = add_rn(w, gauss[in_tile(b)]);
     }
     wsum[v] = w;
     for (int k = 0; k < K; ++k) {
         float a = acc[k * volume + v];
         for (int b = 0; b < B; ++b) {
             if (!((cover >> b) & 1ull)) continue;
-            const i64 t = ((i64)(z - origins[3 * b]) * py + (y - origins[3 * b + 1])) * px + (x - origins[3 * b + 2]);
+            const i64 t = in_tile(b);
             a = add_rn(a, mul_rn(to_f32(pred[((i64)b * K + k) * tile + t]), gauss[t]));
         }
         acc[k * volume + v] = a;

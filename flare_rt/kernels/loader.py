@@ -126,8 +126,9 @@ def choose(cc: int, manifest: Manifest | None, source_sha256: str, fatbin_sha256
         if older_ptx:
             return Choice("prebuilt", f"compute_{max(older_ptx)} PTX compiled by the driver for sm_{cc} "
                                       f"(nvcc {manifest.nvcc})")
-        problem = (f"{FATBIN_NAME} holds no code for sm_{cc} (cubins: "
-                   f"{', '.join(f'sm_{a}' for a in manifest.sass)}; PTX: {', '.join(f'compute_{a}' for a in manifest.ptx)})")
+        cubins = ", ".join(f"sm_{a}" for a in manifest.sass)
+        ptx = ", ".join(f"compute_{a}" for a in manifest.ptx)
+        problem = f"{FATBIN_NAME} holds no code for sm_{cc} (cubins: {cubins}; PTX: {ptx})"
     if mode == "prebuilt":
         raise KernelUnavailableError(f"${MODE_ENV}=prebuilt but {problem}; unset it to compile with NVRTC")
     return Choice("nvrtc", problem)

@@ -8,7 +8,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import FlareError
-from ..postprocess import _bilinear_axis
+from ..resample import linear_weights
 from ..xp import array_module
 from .loader import load_kernels
 
@@ -60,9 +60,9 @@ def _same_device(cp, *arrays) -> None:
 
 @lru_cache(maxsize=16)
 def _axis_table(cp, device: int, n_in: int, n_out: int):
-    """postprocess._bilinear_axis on the GPU (lower/upper index int32, weight float32), uploaded once
-    per geometry and device."""
-    lo, hi, w = _bilinear_axis(n_in, n_out)
+    """refine_plane's sample table along one axis (resample.linear_weights: lower and upper index as
+    int32, float32 weight) on the GPU, uploaded once per geometry and device."""
+    lo, hi, w = linear_weights(n_in, n_out, np.float32)
     return cp.asarray(lo.astype(np.int32)), cp.asarray(hi.astype(np.int32)), cp.asarray(w)
 
 

@@ -26,7 +26,9 @@ class CompileException(Exception):
 
 class DiskKernelCacheBackend:
     def __init__(self, cache_dir=None):
-        self.cache_dir = cache_dir if cache_dir is not None else os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache")
+        if cache_dir is None:
+            cache_dir = os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache")
+        self.cache_dir = cache_dir
 
 
 class FakeArray:

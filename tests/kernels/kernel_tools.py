@@ -37,7 +37,8 @@ def find_tool(name: str, env: str | None = None) -> Path | None:
 def run(*cmd, cwd=None) -> str:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd, check=False)
     if proc.returncode:
-        raise AssertionError(f"{' '.join(str(c) for c in cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        command = " ".join(str(c) for c in cmd)
+        raise AssertionError(f"{command} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
 
 
@@ -57,7 +58,8 @@ class Nvrtc:
         self._check(self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
         return major.value, minor.value
 
-    def compile(self, source: str, options: tuple[str, ...], name: str = "flare_kernels.cu") -> tuple[int, str, bytes, bytes]:
+    def compile(self, source: str, options: tuple[str, ...],
+                name: str = "flare_kernels.cu") -> tuple[int, str, bytes, bytes]:
         """(status, log, ptx, cubin); cubin is empty when compiling for a virtual architecture."""
         prog = ctypes.c_void_p()
         self._check(self.lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None),

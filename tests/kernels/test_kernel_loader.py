@@ -18,7 +18,8 @@ from flare_rt.kernels import loader
 from flare_rt.kernels.loader import (ENTRY_POINTS, MODE_ENV, NVRTC_OPTIONS, Choice, KernelUnavailableError, Manifest,
                                      Package, choose, load_kernels, load_module)
 
-MANIFEST = Manifest(source_sha256="s" * 64, fatbin_sha256="f" * 64, sass=(75, 80, 86, 89, 90), ptx=(90,), nvcc="13.0.88")
+MANIFEST = Manifest(source_sha256="s" * 64, fatbin_sha256="f" * 64, sass=(75, 80, 86, 89, 90), ptx=(90,),
+                    nvcc="13.0.88")
 OK = ("s" * 64, "f" * 64)
 
 

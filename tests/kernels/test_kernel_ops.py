@@ -13,7 +13,7 @@ from fake_cupy import FakeArray, FakeCupy
 from flare_rt.kernels import ops
 from flare_rt.kernels.loader import ENTRY_POINTS, NVRTC_OPTIONS, Package
 from flare_rt.kernels.ops import KernelArgumentError, accumulate_tiles, labels_from_logits
-from flare_rt.postprocess import _bilinear_axis
+from flare_rt.resample import linear_weights
 
 SOURCE = Package().source.read_text()
 
@@ -74,7 +74,8 @@ def dev(a) -> FakeArray:
     return FakeArray(np.asarray(a))
 
 
-@pytest.mark.parametrize("dtype, entry", [(np.float32, "labels_from_logits_f32"), (np.float16, "labels_from_logits_f16")])
+@pytest.mark.parametrize("dtype, entry", [(np.float32, "labels_from_logits_f32"),
+                                          (np.float16, "labels_from_logits_f16")])
 def test_labels_launch(cp, ptx_params, dtype, entry):
     padded = np.zeros((5, 7, 40, 50), dtype=dtype)
     logits = dev(padded)[:, 1:6, 3:37, 2:47]  # an un-padding view: strided, offset
@@ -91,7 +92,7 @@ def test_labels_launch(cp, ptx_params, dtype, entry):
     assert a[6] is weights and [int(s) for s in a[7:10]] == [50 * 40, 50, 1] and int(a[10]) == 1
     assert a[11].data.tolist() == [0, 0, 3, 4] and a[11].dtype == np.int32 and int(a[12]) == 4
     for tables, n_in, n_out in ((a[13:16], 34, 61), (a[17:20], 45, 83)):
-        for got_t, want in zip(tables, _bilinear_axis(n_in, n_out)):
+        for got_t, want in zip(tables, linear_weights(n_in, n_out, np.float32)):
             np.testing.assert_array_equal(got_t.data, want)
     assert (int(a[16]), int(a[20])) == (61, 83)
     assert a[21].shape == (4, 61, 83) and np.shares_memory(a[21].data, out.data)
