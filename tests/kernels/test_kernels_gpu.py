@@ -128,33 +128,49 @@ def test_labels_fused_with_normalisation(kernels, cupy_device, empty_background)
     assert not out[0].any() and not out[-1].any()  # nothing written outside `out`
 
 
+#: Slices of the example CT the real-data tests run on (156 mm of abdomen: 18 tiles of the demo model).
+REAL_SLICES = slice(60, 112)
+#: Output grids of the back plans: the CT's own (3 mm: the network plane is downsampled) and the same
+#: field of view at 0.75 mm in-plane (upsampled, as for a typical 512 x 512 CT).
+REAL_OUT_SPACINGS = ((3.0, 3.0, 3.0), (3.0, 0.75, 0.75))
+
+
 @pytest.fixture(scope="module")
-def real_blocks(shared_data):
-    """Blended logits of the demo model (onnxruntime, CPU) on the full-size real CT ircad01, as the
-    pipeline computes them (normalise, resample to the network spacing, sliding window), and the
-    plan back to the CT's grid."""
+def real_blocks(example_ct_path):
+    """Blended logits of the demo model (onnxruntime, CPU) on a real CT (the repository's example),
+    computed as the pipeline does (normalise, resample to the network spacing, sliding window), and
+    back plans from the network grid to two output grids."""
     from flare_rt.backends import create_backend
     from flare_rt.io import load_volume
+    from flare_rt.postprocess import refinable
     from flare_rt.preprocess import compute_new_shape, ct_normalize
     from flare_rt.resample import resample
     from flare_rt.window import sliding_window_blocks
 
     bundle = Bundle.load(packaged_model())
     meta = bundle.meta
-    vol = load_volume(shared_data / "ircad01_ct.nii.gz")
-    net_shape = compute_new_shape(vol.array.shape, vol.spacing, meta.spacing)
-    plan = make_plan(vol.array.shape, net_shape, vol.spacing, meta.spacing, meta.resampling, probabilities=False)
-    data = resample(ct_normalize(vol.array, meta.normalization)[None], plan, np.float32, np.float32)
+    vol = load_volume(example_ct_path)
+    ct = vol.array[REAL_SLICES]
+    net_shape = compute_new_shape(ct.shape, vol.spacing, meta.spacing)
+    plan = make_plan(ct.shape, net_shape, vol.spacing, meta.spacing, meta.resampling, probabilities=False)
+    data = resample(ct_normalize(ct, meta.normalization)[None], plan, np.float32, np.float32)
     with create_backend(bundle, "onnxruntime", "cpu") as backend:
         blocks = [(z0, z1, blk.copy()) for z0, z1, blk in sliding_window_blocks(
             data, backend, meta.num_classes, WindowConfig(meta.patch_size, batch_size=2))]
-    back = make_plan(net_shape, vol.array.shape, meta.spacing, vol.spacing, meta.resampling, probabilities=True)
-    return blocks, back
+    plans = []
+    for spacing in REAL_OUT_SPACINGS:
+        out_shape = compute_new_shape(net_shape, meta.spacing, spacing)
+        back = make_plan(net_shape, out_shape, meta.spacing, spacing, meta.resampling, probabilities=True)
+        assert refinable(back), back
+        plans.append(back)
+    return blocks, plans
 
 
-def test_labels_real_ct_equal_labels_refined(kernels, cupy_device, real_blocks):
+@pytest.mark.parametrize("which", range(len(REAL_OUT_SPACINGS)))
+def test_labels_real_ct_equal_labels_refined(kernels, cupy_device, real_blocks, which):
     cp = cupy_device
-    blocks, plan = real_blocks
+    blocks, plans = real_blocks
+    plan = plans[which]
     cpu = labels_refined(iter(blocks), plan)
     gpu_library = labels_refined(((z0, z1, cp.asarray(b)) for z0, z1, b in blocks), plan).get()
     np.testing.assert_array_equal(gpu_library, cpu)  # the library path it replaces, on the GPU
