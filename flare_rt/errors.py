@@ -39,3 +39,9 @@ class ConfigError(FlareError):
     """An option has a value outside its valid range."""
 
     exit_code = 6
+
+
+class ResourceError(FlareError):
+    """Out of memory (GPU or host) even in the cheapest configuration."""
+
+    exit_code = 7

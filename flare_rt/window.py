@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import ConfigError
-from .xp import array_module
+from .xp import array_module, to_device
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,21 @@ def _gaussian_np(tile: tuple[int, ...], sigma_scale: float, value_scaling: float
     return g
 
 
+_DEVICE_GAUSSIANS: dict[tuple, object] = {}
+
+
 def gaussian_map(tile, xp=np, sigma_scale: float = 1.0 / 8, value_scaling: float = 10.0):
-    """nnU-Net's importance map: sigma = tile/8, max scaled to 10, zeros replaced by the smallest value."""
-    g = _gaussian_np(tuple(int(t) for t in tile), sigma_scale, value_scaling)
-    return g if xp is np else xp.asarray(g)
+    """nnU-Net's importance map: sigma = tile/8, max scaled to 10, zeros replaced by the smallest value.
+    Computed once per tile shape, and uploaded once per device (not per call)."""
+    key = (tuple(int(t) for t in tile), sigma_scale, value_scaling)
+    g = _gaussian_np(*key)
+    if xp is np:
+        return g
+    device = xp.cuda.Device().id if hasattr(xp, "cuda") else 0
+    dev_key = (xp.__name__, device, *key)
+    if dev_key not in _DEVICE_GAUSSIANS:
+        _DEVICE_GAUSSIANS[dev_key] = to_device(g, xp)
+    return _DEVICE_GAUSSIANS[dev_key]
 
 
 def pad_to_patch(image, patch):
@@ -139,14 +150,16 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
             n = min(upto - lo, depth)
             a, b = max(lo, z_lo), min(lo + n, z_hi)
             if b > a:
-                blk = acc[:, a - lo:b - lo]
-                w = wsum[a - lo:b - lo]
-                out = xp.where(w > 0, blk / xp.maximum(w, 1e-30), 0).astype(xp.float32)
-                if keep_tile is not None:
-                    empty = w == 0
-                    if bool(empty.any()):
-                        out[0][empty] = 1.0
-                yield a - z_lo, b - z_lo, out[(slice(None), slice(None), unpad[1], unpad[2])]
+                blk = acc[:, a - lo:b - lo, unpad[1], unpad[2]]
+                w = wsum[a - lo:b - lo, unpad[1], unpad[2]]
+                if keep_tile is None:  # every voxel is covered by a tile, and the Gaussian is > 0
+                    out = blk / w
+                else:  # voxels no kept tile covers: logits 0, background 1 (certain background); no sync
+                    covered = w > 0
+                    out = blk / xp.maximum(w, 1e-30)
+                    out *= covered
+                    out[0] += ~covered
+                yield a - z_lo, b - z_lo, out
             if n < depth:
                 acc[:, :depth - n] = acc[:, n:].copy()
                 wsum[:depth - n] = wsum[n:].copy()

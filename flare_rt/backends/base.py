@@ -14,6 +14,8 @@ from ..bundle import Bundle
 class BackendOptions:
     device: str = "cpu"  # "cpu" or "cuda" (resolved from "auto" by the registry)
     threads: int | None = None  # intra-op CPU threads; None: the runtime's default
+    precision: str | None = None  # compute precision; None: the backend's default for the device
+    cuda_graphs: bool = True  # replay the fixed-shape forward as a CUDA graph where the backend can
 
 
 class Backend(abc.ABC):
