@@ -62,7 +62,7 @@ def cmd_segment(args) -> int:
             raise InputImageError(f"{dst}: exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     bundle = Bundle.load(args.model or default_model())
-    backend = create_backend(bundle, args.backend, args.device, args.threads)
+    backend = create_backend(bundle, args.backend, args.device, args.threads, args.batch_size)
     seg = Segmenter(bundle, backend, options, progress=not args.quiet and not folder)
     log.info("model %s loaded in %.2fs (%s, %s mode)", bundle.path.name, time.perf_counter() - t0,
              backend.describe(), options.mode)
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["fast", "faithful"], default="fast",
                    help="faithful: nnU-Net's predictor step by step; fast (default): ROI crop, air tiles "
                         "skipped, argmax at network resolution")
-    s.add_argument("--backend", default="auto", help="auto, onnxruntime or torch")
+    s.add_argument("--backend", default="auto", help="auto, tensorrt, onnxruntime or torch")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
     s.add_argument("--step", type=float, default=None, help="tile step as a fraction of the patch (0.5 = nnU-Net)")
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         register = None
     if register is not None:
         register(sub)
+    from .trt.command import register as register_build_engine  # imports tensorrt lazily, on use
+    register_build_engine(sub)
     from .train.command import register as register_train  # imports torch lazily, on use
 
     register_train(sub)

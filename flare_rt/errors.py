@@ -39,3 +39,8 @@ class ConfigError(FlareError):
     """An option has a value outside its valid range."""
 
     exit_code = 6
+
+
+class EngineError(BackendUnavailableError):
+    """A TensorRT engine cannot be built, found or loaded for this GPU, TensorRT version and bundle
+    (a backend-unavailable error: ``--backend auto`` falls back to the next backend)."""

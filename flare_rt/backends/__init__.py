@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+from dataclasses import replace
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, ConfigError
@@ -11,12 +12,16 @@ from .base import Backend, BackendOptions
 
 log = logging.getLogger(__name__)
 
-#: name -> "module:Class"; the GPU issue adds "tensorrt".
+#: name -> "module:Class".
 REGISTRY: dict[str, str] = {
+    "tensorrt": "flare_rt.backends.tensorrt:TensorRTBackend",
     "onnxruntime": "flare_rt.backends.onnxrt:OnnxRuntimeBackend",
     "torch": "flare_rt.backends.torch_backend:TorchBackend",
 }
-AUTO_ORDER = ("onnxruntime", "torch")
+AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")
+#: Tried under auto only when the device resolves to cuda, and then always (installed or not), so
+#: that a GPU machine without TensorRT says why it falls back.
+GPU_ONLY = frozenset({"tensorrt"})
 
 
 def _load(name: str):
@@ -40,6 +45,14 @@ def resolve_device(device: str) -> str:
             return "cuda"
     except BackendUnavailableError:
         pass
+    if _importable("cupy"):
+        from ..trt.runtime import current_gpu, load_cupy
+
+        try:
+            current_gpu(load_cupy())
+            return "cuda"
+        except BackendUnavailableError:
+            pass
     if _importable("torch"):
         import torch
 
@@ -48,23 +61,36 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
-def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", threads: int | None = None) -> Backend:
+def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", threads: int | None = None,
+                   batch_size: int = 1) -> Backend:
     if backend != "auto" and backend not in REGISTRY:
         raise ConfigError(f"backend must be auto or one of {sorted(REGISTRY)}, got {backend!r}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
-    options = BackendOptions(device=resolve_device(device), threads=threads)
-    names = [backend] if backend != "auto" else [n for n in AUTO_ORDER if _importable(n)]
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    options = BackendOptions(device=resolve_device(device), threads=threads, batch_size=batch_size)
+    if backend != "auto":
+        tries = [(backend, options)]
+    else:
+        tries = [(n, options) for n in AUTO_ORDER if (options.device == "cuda" if n in GPU_ONLY else _importable(n))]
+        if device == "auto" and options.device == "cuda":  # no GPU backend works: the CPU still segments
+            cpu = replace(options, device="cpu")
+            tries += [(n, cpu) for n in AUTO_ORDER if n not in GPU_ONLY and _importable(n)]
     errors = []
-    for name in names:
+    for i, (name, opts) in enumerate(tries):
         try:
-            b = _load(name)(bundle, options)
+            b = _load(name)(bundle, opts)
             log.info("backend: %s", b.describe())
             return b
         except BackendUnavailableError as exc:
             if backend != "auto":
                 raise
-            errors.append(f"{name}: {exc}")
+            errors.append(f"{name} on {opts.device}: {exc}")
+            if i + 1 < len(tries):
+                nxt, nxt_opts = tries[i + 1]
+                log.warning("backend %s on %s unavailable (%s); falling back to %s on %s", name, opts.device, exc,
+                            nxt, nxt_opts.device)
     raise BackendUnavailableError("no backend could run this bundle: " + "; ".join(errors or ["none installed"]))
 
 

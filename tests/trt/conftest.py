@@ -1,0 +1,59 @@
+"""Test doubles of TensorRT and CuPy (``fakes/``), installed per test under their real module names."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+FAKES = Path(__file__).with_name("fakes")
+TRT10, TRT11 = "10.16.1.11", "11.4.0.106"
+
+
+def _load(name: str, monkeypatch):
+    spec = importlib.util.spec_from_file_location(name, FAKES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def gpu_stack(monkeypatch, tmp_path):
+    """``install(trt_version=..., gpu=..., cc=...)`` puts a fresh fake tensorrt and cupy in sys.modules
+    (for this test only) and returns them; the engine cache is a fresh folder."""
+    monkeypatch.setenv("FLARE_RT_CACHE", str(tmp_path / "cache"))
+    for var in ("FLARE_RT_ENGINE_BUILD", "FAKE_TRT_FAIL", "FAKE_CUDA_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+
+    def install(trt_version: str = TRT10, gpu: str = "Quadro RTX 5000", cc: str = "7.5", tensorrt: bool = True):
+        monkeypatch.setenv("FAKE_TRT_VERSION", trt_version)
+        monkeypatch.setenv("FAKE_GPU_NAME", gpu)
+        monkeypatch.setenv("FAKE_GPU_CC", cc)
+        cp = _load("cupy", monkeypatch)
+        if tensorrt:
+            trt = _load("tensorrt", monkeypatch)
+        else:
+            monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+            trt = None
+        return SimpleNamespace(trt=trt, cp=cp, cache=tmp_path / "cache" / "engines")
+
+    return install
+
+
+@pytest.fixture
+def packaged_bundle():
+    from flare_rt.bundle import Bundle
+    from flare_rt.resources import packaged_model
+
+    return Bundle.load(packaged_model())
+
+
+@pytest.fixture
+def log_text(caplog):
+    """All log messages so far, as one string (INFO and up)."""
+    caplog.set_level(logging.INFO)
+    return lambda: "\n".join(r.getMessage() for r in caplog.records)
