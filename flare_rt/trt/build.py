@@ -45,7 +45,7 @@ class EngineConfig:
 
     @classmethod
     def for_batch(cls, batch_size: int, precision: str = "fp16", workspace_mb: int = DEFAULT_WORKSPACE_MB,
-                  timing_cache: Path | None = None) -> "EngineConfig":
+                  timing_cache: Path | None = None) -> EngineConfig:
         """The profile the pipeline needs for ``--batch-size B``: min 1, opt = max = B."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")

@@ -19,11 +19,11 @@ import os
 import re
 import struct
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from .. import __version__
 from ..atomic import atomic_path
@@ -62,7 +62,7 @@ class EngineKey:
     max_batch: int
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EngineKey":
+    def from_dict(cls, d: dict) -> EngineKey:
         return cls(**{f.name: d[f.name] for f in fields(cls)})
 
     def digest(self) -> str:
@@ -76,7 +76,7 @@ class EngineKey:
         return (f"{self.precision}, batch {self.min_batch}/{self.opt_batch}/{self.max_batch}, {self.gpu} ({self.sm}), "
                 f"TensorRT {self.tensorrt}, {self.platform}, bundle {self.bundle_sha256[:12]}")
 
-    def differences(self, wanted: "EngineKey") -> list[str]:
+    def differences(self, wanted: EngineKey) -> list[str]:
         """What makes this engine's key differ from ``wanted`` (the machine's), in words."""
         out = []
         if (self.gpu, self.compute_capability) != (wanted.gpu, wanted.compute_capability):
@@ -94,7 +94,7 @@ class EngineKey:
                        f"{wanted.min_batch}/{wanted.opt_batch}/{wanted.max_batch}")
         return out
 
-    def serves(self, wanted: "EngineKey") -> bool:
+    def serves(self, wanted: EngineKey) -> bool:
         """Same GPU, TensorRT, platform, bundle and precision, and a profile covering the wanted batches."""
         same = asdict(self) | {"min_batch": 0, "opt_batch": 0, "max_batch": 0} == \
             asdict(wanted) | {"min_batch": 0, "opt_batch": 0, "max_batch": 0}
@@ -117,10 +117,9 @@ def make_key(bundle_sha256: str, config: EngineConfig, gpu: GpuInfo, tensorrt_ve
 # -- the file format ---------------------------------------------------------------------------------
 def write_engine(path: Path, header: dict, plan: bytes) -> Path:
     text = json.dumps(header, indent=1, sort_keys=True).encode()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + _LEN.pack(len(text)) + text)
-            f.write(plan)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC + _LEN.pack(len(text)) + text)
+        f.write(plan)
     return path
 
 
@@ -157,7 +156,7 @@ class EngineStore:
         self.root = Path(root)
 
     @classmethod
-    def default(cls) -> "EngineStore":
+    def default(cls) -> EngineStore:
         from ..resources import cache_dir
 
         return cls(cache_dir("engines", create=False))
@@ -239,7 +238,7 @@ def build_and_save(bundle, config: EngineConfig, key: EngineKey, store: EngineSt
     seconds = time.perf_counter() - t0
     header = {"format": HEADER_FORMAT, "key": asdict(key), "workspace_mb": config.workspace_mb,
               "bundle": bundle.path.name, "producer": f"flare-rt {__version__}", "build_seconds": round(seconds, 2),
-              "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "built_at": datetime.now(UTC).isoformat(timespec="seconds")}
     path = write_engine(store.path_for(key, bundle.path.stem), header, plan)
     with atomic_path(tc_path) as tmp:
         tmp.write_bytes(timing)

@@ -68,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
                          policy="force" if args.force else "auto", exact=True)
     loaded.runner.close()
     timing = config.timing_cache or store.timing_cache_path(loaded.key)
+    status = f"built in {loaded.build_seconds:.1f}s" if loaded.source == "built" else "cached (exists; --force rebuilds)"
     sys.stdout.write(f"engine  {loaded.path}\n"
-                     f"status  {'built in %.1fs' % loaded.build_seconds if loaded.source == 'built' else 'cached (exists; --force rebuilds)'}\n"
+                     f"status  {status}\n"
                      f"key     {loaded.key.describe()}\n"
                      f"config  {config.describe()}\n"
                      f"timing  {timing}\n")

@@ -135,6 +135,6 @@ def test_the_production_path_imports_no_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{FAKES}{os.pathsep}{REPO}", "FLARE_RT_CACHE": str(tmp_path),
            "FAKE_GPU_NAME": "Quadro RTX 5000", "FAKE_GPU_CC": "7.5"}
     env.pop("FLARE_RT_ENGINE_BUILD", None)
-    r = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "tensorrt (2, 15, 32, 128, 192) ['cupy', 'tensorrt']"

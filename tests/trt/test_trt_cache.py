@@ -11,8 +11,16 @@ import pytest
 from flare_rt.bundle import Bundle, write_bundle
 from flare_rt.errors import EngineError
 from flare_rt.trt.build import EngineConfig
-from flare_rt.trt.cache import (MAGIC, EngineKey, EngineStore, file_sha256, load_engine, read_header, read_plan,
-                                write_engine)
+from flare_rt.trt.cache import (
+    MAGIC,
+    EngineKey,
+    EngineStore,
+    file_sha256,
+    load_engine,
+    read_header,
+    read_plan,
+    write_engine,
+)
 from flare_rt.trt.runtime import current_gpu, host_platform
 
 

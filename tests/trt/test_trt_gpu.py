@@ -63,7 +63,7 @@ def test_engine_logits_match_onnxruntime_and_the_cache_is_reused(real_gpu, cache
 def test_labels_agree_with_the_torch_path(real_gpu, cache, packaged_bundle, shared_data):
     from flare_rt.backends import create_backend
     from flare_rt.io import load_volume
-    from flare_rt.pipeline import SegmentOptions, Segmenter
+    from flare_rt.pipeline import Segmenter, SegmentOptions
 
     pytest.importorskip("torch")
     vol = load_volume(shared_data / "ts_example_ct.nii.gz")

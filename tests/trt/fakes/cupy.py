@@ -35,7 +35,7 @@ class _Flags:
 
 
 class ndarray:
-    def __init__(self, host: np.ndarray, owner: "ndarray | None" = None):
+    def __init__(self, host: np.ndarray, owner: ndarray | None = None):
         self._a = host
         self._owner = owner if owner is not None else self
         if owner is None:
@@ -108,7 +108,7 @@ _ptrs = itertools.count(0x7000)
 
 
 class Stream:
-    null: "Stream"
+    null: Stream
 
     def __init__(self, ptr: int | None = None):
         self.ptr = next(_ptrs) if ptr is None else ptr
