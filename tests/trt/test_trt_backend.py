@@ -3,6 +3,7 @@ from --batch-size), the one-line errors when TensorRT, a GPU or a usable engine 
 fallback under --backend auto with a log line. The whole production path imports no torch."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from conftest import FAKES
 
 from flare_rt.backends import create_backend
+from flare_rt.backends.tensorrt import TensorRTBackend
 from flare_rt.bundle import Bundle, write_bundle
 from flare_rt.cli import main
 from flare_rt.errors import BackendUnavailableError
@@ -102,8 +104,11 @@ def test_auto_falls_back_for_a_quantised_bundle(gpu_stack, packaged_bundle, tmp_
     assert "'int8' bundle" in _fallback_lines(caplog)[0]
 
 
-def test_segment_with_tensorrt_builds_the_profile_of_batch_size(gpu_stack, shared_data, tmp_path, capsys):
+def test_segment_with_tensorrt_builds_the_profile_of_batch_size(gpu_stack, shared_data, tmp_path, capsys,
+                                                                monkeypatch):
     stack = gpu_stack()
+    # The pipeline on host arrays (the runner uploads each batch): the CuPy double is not a CuPy.
+    monkeypatch.setattr(TensorRTBackend, "xp", property(lambda self: np))
     out = tmp_path / "seg.nii.gz"
     rc = main(["segment", str(shared_data / "ts_example_ct_sm.nii.gz"), str(out), "--backend", "tensorrt",
                "--device", "cuda", "--batch-size", "2", "--step", "1", "-q"])
@@ -116,11 +121,32 @@ def test_segment_with_tensorrt_builds_the_profile_of_batch_size(gpu_stack, share
     assert seg.GetSize() == ct.GetSize() and seg.GetPixelID() == sitk.sitkUInt8
 
 
+def test_image_start_up_reports_what_it_found(gpu_stack, packaged_bundle, monkeypatch, caplog):
+    """The challenge image's start-up with an engine baked on another card: build under auto (and say
+    why the baked one does not fit), reuse on the next start, fall back under never."""
+    caplog.set_level(logging.INFO)
+    gpu_stack(gpu="NVIDIA GeForce RTX 4090", cc="8.9")
+    baked = create_backend(packaged_bundle, "auto", "auto", batch_size=2).engine.path
+    gpu_stack()  # the organisers' card
+    first = create_backend(packaged_bundle, "auto", "auto", batch_size=2)
+    assert first.name == "tensorrt" and first.engine.source == "built"
+    assert f"that do not fit: {baked.name}: GPU NVIDIA GeForce RTX 4090 (sm_89), here Quadro RTX 5000 (sm_75)" \
+        in caplog.text
+    second = create_backend(packaged_bundle, "auto", "auto", batch_size=2)
+    assert second.engine.source == "cache" and f"using cached engine {first.engine.path}" in caplog.text
+    first.engine.path.unlink()
+    monkeypatch.setenv("FLARE_RT_ENGINE_BUILD", "never")
+    fallback = create_backend(packaged_bundle, "auto", "auto", batch_size=2)
+    assert fallback.name == "onnxruntime"
+    assert f"{baked.name}: GPU NVIDIA GeForce RTX 4090 (sm_89)" in _fallback_lines(caplog)[0]
+
+
 PROBE = """
 import sys
 import numpy as np
 import cupy
 from flare_rt.backends import create_backend
+from flare_rt.backends.tensorrt import TensorRTBackend
 from flare_rt.bundle import Bundle
 from flare_rt.resources import packaged_model
 b = create_backend(Bundle.load(packaged_model()), "auto", "auto", batch_size=2)
