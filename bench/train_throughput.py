@@ -40,7 +40,7 @@ from flare_rt.train.config import (MODEL_PRESETS, DataConfig, RuntimeConfig, Sch
 from flare_rt.train.dataset import index_from_pairs, save_index  # noqa: E402
 from flare_rt.train.loop import training_batches  # noqa: E402
 from flare_rt.train.loss import segmentation_loss  # noqa: E402
-from flare_rt.train.model import build_network  # noqa: E402
+from flare_rt.train.model import init_network  # noqa: E402
 from flare_rt.train.prepare import prepare  # noqa: E402
 from flare_rt.resources import shared_data_dir  # noqa: E402
 from flare_rt.train.sampling import make_loader  # noqa: E402
@@ -86,7 +86,7 @@ def time_training(config: TrainConfig, iterations: int, warmup: int, device: tor
     prepared = prepare(config, progress=False)
     s, o = config.schedule, config.optim
     batches = training_batches(config, prepared, s.batch_size)
-    net = build_network(config.model, 15, seed=0).to(device)
+    net = init_network(config.model, 15, seed=0).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)

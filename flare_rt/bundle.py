@@ -15,6 +15,7 @@ from typing import Any
 
 from .atomic import atomic_path
 from .errors import ModelError
+from .window import DEFAULT_TILE_STEP
 
 METADATA_KEY = "flare_rt"
 FORMAT_VERSION = 1
@@ -52,7 +53,7 @@ class BundleMeta:
     patch_size: tuple[int, int, int]
     normalization: CTNormalization
     architecture: dict[str, Any]
-    tile_step: float = 0.5
+    tile_step: float = DEFAULT_TILE_STEP
     mirror_axes: tuple[int, ...] = ()
     tta: bool = False  # default for --tta
     orientation: str = ORIENTATIONS_NONE  # "none": stored array order (nnU-Net); else e.g. "LPS"

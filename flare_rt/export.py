@@ -42,12 +42,6 @@ class CheckResult:
                 f"argmax agreement {self.agreement:.6f}")
 
 
-def build_network(meta: BundleMeta):
-    from .nets.unet import UNet, UNetConfig
-
-    return UNet(UNetConfig.from_dict(meta.architecture)).eval()
-
-
 def torch_to_onnx(net, patch_size: tuple[int, ...], in_channels: int = 1, input_name: str = "image",
                   output_name: str = "logits"):
     """fp32 ONNX graph, fixed patch shape, dynamic batch (torch.export-based exporter, opset 18)."""

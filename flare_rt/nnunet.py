@@ -9,6 +9,7 @@ from pathlib import Path
 from . import __version__
 from .bundle import BundleMeta, CTNormalization, ResamplingRule
 from .errors import ModelError
+from .window import DEFAULT_TILE_STEP
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def read_nnunet_model(model_dir: str | Path, configuration: str = "3d_fullres", 
         patch_size=tuple(int(p) for p in cfg["patch_size"]),
         normalization=norm,
         architecture=arch,
-        tile_step=0.5,
+        tile_step=DEFAULT_TILE_STEP,
         mirror_axes=mirror,
         tta=False,
         orientation="none",

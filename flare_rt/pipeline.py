@@ -7,23 +7,31 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .bundle import Bundle
 from .errors import ConfigError
+from .atomic import split_suffix
 from .io import Volume, load_volume, write_labels, write_probabilities
 from .orientation import plan_reorientation
-from .postprocess import labels_faithful, labels_refined
+from .postprocess import labels_faithful, labels_refined, refinable
 from .preprocess import CropInfo, body_crop, compute_new_shape, ct_normalize, nonzero_crop, paste
 from .resample import make_plan, resample, upsample_labels_nearest
-from .window import WindowConfig, pad_to_patch, sliding_window_blocks
+from .statistics import default_statistics_path, sidecar_path
+from .window import DEFAULT_TILE_STEP, WindowConfig, pad_to_patch, sliding_window_blocks
 
 log = logging.getLogger(__name__)
 
 MODES = ("faithful", "fast")
+
+
+#: Fast mode's ROI: voxels above this are body (table and air mostly excluded). A setting of its own,
+#: distinct from the input check's "is this CT" air threshold (``io.CT_MIN_AIR_HU``).
+BODY_THRESHOLD_HU = -500.0
+COMPUTE_DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -32,18 +40,25 @@ class FastOptions:
 
     roi: bool = True  # skip tiles that hold no body voxel (nnU-Net's tile grid is kept)
     roi_crop: bool = False  # also crop to the body box (moves the resampling grid: measured in bench/)
-    body_threshold_hu: float = -500.0  # body = voxels above this
+    body_threshold_hu: float = BODY_THRESHOLD_HU  # body = voxels above this
     body_margin: int = 4  # voxels added around the body box (input grid), with roi_crop
-    step: float = 0.5  # tile step (nnU-Net: 0.5)
     label_upsampling: bool = True  # labels of the resampled logits computed at label-upsampling cost
     compute_dtype: str = "float32"  # image resampling arithmetic (nnU-Net: float64)
 
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"fast option compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if self.body_margin < 0:
+            raise ConfigError(f"fast option body_margin must be >= 0 voxels, got {self.body_margin}")
 
-def parse_fast_options(items: list[str] | None) -> FastOptions:
-    """``["roi=0", "step=0.6"]`` → FastOptions (the CLI's ``--fast-option KEY=VALUE``)."""
+
+def parse_fast_options(items: list[str] | None) -> FastOptions | None:
+    """``["roi=0", "body_margin=2"]`` → FastOptions (the CLI's ``--fast-option KEY=VALUE``); None for none."""
+    if not items:
+        return None
     fields = FastOptions.__dataclass_fields__
     kw = {}
-    for item in items or []:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise ConfigError(f"--fast-option takes KEY=VALUE with KEY in {sorted(fields)}, got {item!r}")
@@ -63,21 +78,28 @@ def parse_fast_options(items: list[str] | None) -> FastOptions:
 @dataclass(frozen=True)
 class SegmentOptions:
     mode: str = "fast"
-    step: float | None = None  # None: the bundle's tile step (faithful) or FastOptions.step (fast)
+    step: float | None = None  # tile step; None: the bundle's (nnU-Net: 0.5)
     tta: bool | None = None  # None: the bundle's default
     batch_size: int = 1
-    save_probabilities: bool = False
+    probabilities: bool = False  # also compute class probabilities on the input grid
     force: bool = False  # segment images whose intensities do not look like CT
     series_uid: str | None = None
-    fast: FastOptions = field(default_factory=FastOptions)
+    fast: FastOptions | None = None  # fast mode's settings (None: defaults); an error in faithful mode
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.step is not None and not 0 < self.step <= 1:
-            raise ConfigError(f"--step must be in (0, 1], got {self.step}; nnU-Net uses 0.5")
+            raise ConfigError(f"--step must be in (0, 1], got {self.step}; nnU-Net uses {DEFAULT_TILE_STEP}")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.mode == "faithful" and self.fast is not None:
+            raise ConfigError("fast-mode options were given with --mode faithful; drop them or use --mode fast")
+
+    @property
+    def fast_options(self) -> FastOptions | None:
+        """The fast-mode settings in effect, None in faithful mode."""
+        return (self.fast or FastOptions()) if self.mode == "fast" else None
 
 
 @dataclass
@@ -89,7 +111,7 @@ class Prediction:
     network_shape: tuple[int, int, int]
 
 
-class _Timer:
+class StageTimer:
     def __init__(self):
         self.t: dict[str, float] = {}
 
@@ -109,32 +131,32 @@ class Segmenter:
         self.bundle, self.backend, self.options, self.progress = bundle, backend, options, progress
         meta = bundle.meta
         tta = meta.tta if options.tta is None else options.tta
-        step = options.step if options.step is not None else (meta.tile_step if options.mode == "faithful"
-                                                               else options.fast.step)
+        step = meta.tile_step if options.step is None else options.step
         self.window = WindowConfig(patch_size=meta.patch_size, step=step, batch_size=options.batch_size,
                                    mirror_axes=meta.mirror_axes if tta else ())
         if meta.demo:
-            log.warning("%s is a coarse DEMONSTRATION model: its segmentations are not accurate", bundle.path)
+            log.warning("%s is a coarse DEMONSTRATION model (%s): its segmentations are not accurate",
+                        bundle.path.name, meta.description or "demo")
 
     # -- stages -------------------------------------------------------------------------------
-    def predict(self, volume: Volume, timer: _Timer | None = None) -> Prediction:
-        timer = timer or _Timer()
+    def predict(self, volume: Volume, timer: StageTimer | None = None) -> Prediction:
+        timer = timer or StageTimer()
         meta, opts = self.bundle.meta, self.options
-        fast = opts.mode == "fast"
+        fast = opts.fast_options
         with timer("preprocess"):
             reo = plan_reorientation(volume.direction, meta.orientation)
             arr = reo.apply(volume.array).transpose(meta.transpose_forward)
             spacing = tuple(reo.spacing(volume.spacing)[i] for i in meta.transpose_forward)
             crop = nonzero_crop(arr) if meta.crop_nonzero else CropInfo(arr.shape, tuple((0, s) for s in arr.shape))
-            if fast and opts.fast.roi_crop:
-                crop = body_crop(arr, opts.fast.body_threshold_hu, opts.fast.body_margin, crop)
+            if fast and fast.roi_crop:
+                crop = body_crop(arr, fast.body_threshold_hu, fast.body_margin, crop)
             cropped = arr[crop.slices]
             data = ct_normalize(cropped, meta.normalization)[None]
             net_shape = compute_new_shape(crop.shape_after, spacing, meta.spacing)
             plan = make_plan(crop.shape_after, net_shape, spacing, meta.spacing, meta.resampling, probabilities=False)
-            cdt = np.float32 if fast and opts.fast.compute_dtype == "float32" else np.float64
+            cdt = np.dtype(fast.compute_dtype if fast else "float64")
             data = resample(data, plan, out_dtype=np.float32, compute_dtype=cdt)
-            keep = self._tile_filter(cropped, net_shape) if fast and opts.fast.roi else None
+            keep = self._tile_filter(cropped, net_shape, fast.body_threshold_hu) if fast and fast.roi else None
         net_time = [0.0]
         n_tiles = [0]
 
@@ -150,14 +172,12 @@ class Segmenter:
         bar = tqdm(desc="tiles", unit="tile", disable=not self.progress, leave=False)
         with timer("window+export"), bar:
             blocks = sliding_window_blocks(data, network, meta.num_classes, self.window, keep_tile=keep,
-                                           progress=bar.update)
+                                           progress=bar)
             back = make_plan(net_shape, crop.shape_after, meta.spacing, spacing, meta.resampling, probabilities=True)
-            refined = (fast and opts.fast.label_upsampling and not opts.save_probabilities
-                       and back.separate_axis == 0 and back.order == 1 and back.order_z == 0)
-            if refined:
+            if fast and fast.label_upsampling and not opts.probabilities and refinable(back):
                 labels, probs = labels_refined(blocks, back), None
             else:
-                labels, probs = labels_faithful(blocks, back, meta.num_classes, opts.save_probabilities)
+                labels, probs = labels_faithful(blocks, back, meta.num_classes, opts.probabilities)
         timer.t["network"] = net_time[0]
         timer.t["window+export"] -= net_time[0]
         with timer("export"):
@@ -170,9 +190,9 @@ class Segmenter:
         timer.t["blend+resample"] = timer.t.pop("window+export")
         return Prediction(np.ascontiguousarray(labels), probs, dict(timer.t), n_tiles[0], tuple(net_shape))
 
-    def _tile_filter(self, cropped: np.ndarray, net_shape):
-        """Fast mode: keep only tiles that contain body voxels (above the HU threshold)."""
-        body = cropped > self.options.fast.body_threshold_hu
+    def _tile_filter(self, cropped: np.ndarray, net_shape, threshold_hu: float):
+        """Fast mode: keep only tiles that contain body voxels (above ``threshold_hu``)."""
+        body = cropped > threshold_hu
         body_net = upsample_labels_nearest(body, net_shape)
         padded, _ = pad_to_patch(body_net[None], self.window.patch_size)
         mask = padded[0]
@@ -184,18 +204,69 @@ class Segmenter:
         return keep
 
     # -- files --------------------------------------------------------------------------------
-    def segment_file(self, src: str | Path, dst: str | Path, probabilities: str | Path | None = None) -> Prediction:
-        timer = _Timer()
+    def segment_file(self, src: str | Path, outputs: "CaseOutputs | str | Path") -> Prediction:
+        """Read ``src``, segment it, write the labels (and what ``outputs`` and the options ask for)."""
+        timer = StageTimer()
         with timer("read"):
             vol = load_volume(src, self.options.series_uid, self.options.force)
+        return self.segment_volume(vol, outputs, timer)
+
+    def segment_volume(self, vol: Volume, outputs: "CaseOutputs | str | Path", timer: StageTimer | None = None) -> Prediction:
+        """Segment a loaded volume and write the labels (and what ``outputs`` and the options ask for)."""
+        outputs = outputs if isinstance(outputs, CaseOutputs) else CaseOutputs(Path(outputs))
+        timer = timer or StageTimer()
+        src = vol.source
         pred = self.predict(vol, timer)
         with timer("write"):
-            write_labels(pred.labels, vol.reference, dst)
-            if probabilities is not None and pred.probabilities is not None:
-                write_probabilities(pred.probabilities, self.bundle.meta.labels, probabilities)
+            write_labels(pred.labels, vol.reference, outputs.labels)
+            if pred.probabilities is not None:
+                write_probabilities(pred.probabilities, self.bundle.meta.labels, outputs.probabilities)
+            names = {k: v for k, v in self.bundle.meta.labels.items() if k != 0}
+            if outputs.statistics is not None:
+                from .statistics import statistics_report, structure_statistics, write_statistics_json
+
+                stats = structure_statistics(pred.labels, vol.array, vol.spacing, names)
+                write_statistics_json(statistics_report(stats, outputs.case, vol.spacing, self.bundle.meta.name),
+                                      outputs.statistics)
+            if outputs.preview is not None:
+                from .preview import render_preview
+
+                render_preview(vol.array, pred.labels, vol.spacing, vol.direction, outputs.preview,
+                               title=f"{outputs.case} ({self.bundle.meta.name})", names=names)
         pred.timings = dict(timer.t)
-        log.info("%s -> %s: %s", src, dst, ", ".join(f"{k} {v:.2f}s" for k, v in pred.timings.items()))
+        log.info("%s -> %s: %s", src, outputs.labels, ", ".join(f"{k} {v:.2f}s" for k, v in pred.timings.items()))
         return pred
+
+
+@dataclass(frozen=True)
+class CaseOutputs:
+    """Where one case's results go; the optional ones are named after the label file, beside it."""
+
+    labels: Path
+    statistics: Path | None = None
+    preview: Path | None = None
+
+    @property
+    def case(self) -> str:
+        return split_suffix(self.labels)[0]
+
+    @property
+    def probabilities(self) -> Path:
+        """``<name>.npz`` beside the labels (nnU-Net's convention), written when probabilities are asked for."""
+        return sidecar_path(self.labels, ".npz")
+
+    def default_statistics(self) -> Path:
+        return default_statistics_path(self.labels)
+
+    def default_preview(self) -> Path:
+        from .preview import default_preview_path
+
+        return default_preview_path(self.labels)
+
+    def files(self, probabilities: bool) -> list[Path]:
+        """Every file this case writes."""
+        extra = [p for p in (self.statistics, self.preview) if p is not None]
+        return [self.labels, *([self.probabilities] if probabilities else []), *extra]
 
 
 def labels_mask_outside(crop: CropInfo) -> np.ndarray:

@@ -85,13 +85,15 @@ def z_source_index(n_in: int, n_out: int, xp=np):
     return idx if xp is np else xp.asarray(idx)
 
 
-def z_linear_weights(n_in: int, n_out: int):
-    """Linear interpolation along z (order_z == 1): lower index, upper index, upper weight."""
+def linear_weights(n_in: int, n_out: int, dtype=np.float64):
+    """Linear interpolation along one axis with pixel-centre alignment, clamped at the edges (ndimage
+    ``zoom(order=1, grid_mode=True, mode='nearest')``, nnU-Net's order-1 z interpolation): for each
+    output index the lower and upper source index and the upper weight."""
     scale = float(n_in) / n_out
     coord = np.clip(scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5, 0, n_in - 1)
     lo = np.floor(coord).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
-    return lo, hi, coord - lo
+    return lo, hi, (coord - lo).astype(dtype)
 
 
 def _move(x, axis: int):
@@ -131,7 +133,7 @@ def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64)
         else:
             planes = xp.stack([resize_skimage(src[ch, s].astype(compute_dtype, copy=False), plane, plan.order,
                                               compute_dtype) for s in range(n_in)])
-            lo, hi, w = z_linear_weights(n_in, n_out)
+            lo, hi, w = linear_weights(n_in, n_out)
             w = xp.asarray(w.reshape(-1, 1, 1))
             dst[ch] = ((1 - w) * planes[lo] + w * planes[hi]).astype(out_dtype)
     return out

@@ -21,12 +21,14 @@ from .xp import array_module
 log = logging.getLogger(__name__)
 
 Network = Callable[[object], object]
+#: nnU-Net's tile step (a fraction of the patch): tiles overlap by half.
+DEFAULT_TILE_STEP = 0.5
 
 
 @dataclass(frozen=True)
 class WindowConfig:
     patch_size: tuple[int, int, int]
-    step: float = 0.5
+    step: float = DEFAULT_TILE_STEP
     batch_size: int = 1
     mirror_axes: tuple[int, ...] = ()  # TTA: all flip combinations over these spatial axes
     gaussian: bool = True
@@ -108,7 +110,8 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
                           progress=None) -> Iterator[tuple[int, int, object]]:
     """Yield ``(z0, z1, logits[:, z0:z1])`` blocks of the blended float32 logits of a (C, Z, Y, X)
     image, in order, covering all rows. ``keep_tile(origin)`` may skip tiles (fast mode): rows no
-    kept tile covers get logits 0 with background 1 (certain background)."""
+    kept tile covers get logits 0 with background 1 (certain background). ``progress`` (a tqdm-like
+    object) is reset to the number of tiles to run and updated after each batch."""
     xp = array_module(image)
     padded, unpad = pad_to_patch(image, cfg.patch_size)
     shape = padded.shape[1:]
@@ -118,6 +121,8 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
         kept = [o for o in origins if keep_tile(o)]
         log.info("sliding window: %d of %d tiles hold the region of interest", len(kept), len(origins))
         origins = kept
+    if progress is not None:
+        progress.reset(total=len(origins))
     gauss = gaussian_map(cfg.patch_size, xp) if cfg.gaussian else xp.ones(cfg.patch_size, dtype=xp.float32)
     z_starts = sorted({o[0] for o in origins})
     by_z = {z: [o for o in origins if o[0] == z] for z in z_starts}
@@ -161,7 +166,7 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
             acc[:, z - lo:z - lo + pz, y:y + py, x:x + px] += p
             wsum[z - lo:z - lo + pz, y:y + py, x:x + px] += gauss
         if progress is not None:
-            progress(len(batch_imgs))
+            progress.update(len(batch_imgs))
         batch_imgs.clear()
         batch_orig.clear()
 

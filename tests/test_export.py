@@ -15,7 +15,8 @@ from flare_rt.bundle import Bundle, read_meta  # noqa: E402
 from flare_rt.cli import main  # noqa: E402
 from flare_rt.errors import ExportVerificationError, ModelError  # noqa: E402
 from flare_rt.export import compare, torch_to_onnx, verify  # noqa: E402
-from flare_rt.nets.unet import UNet, UNetConfig, big_unet_config, load_weights, small_unet_config  # noqa: E402
+from flare_rt.nets import UNetConfig, big_unet_config, small_unet_config  # noqa: E402
+from flare_rt.nets.unet import UNet, load_weights  # noqa: E402
 from flare_rt.nnunet import architecture_from_config, read_nnunet_model  # noqa: E402
 from flare_rt.onnx_graph import initializers, to_fp16, to_fp32  # noqa: E402
 
@@ -133,6 +134,7 @@ def test_torch_backend_reads_weights_from_the_onnx_bundle(fp32_bundle, nnunet_ne
 
     ref_net, _ = nnunet_net
     x = np.random.default_rng(1).standard_normal((1, 1, 32, 128, 192)).astype(np.float32)
+    torch.set_num_threads(2)  # the backend below runs with 2 threads: same reduction order, bit-identical
     with torch.no_grad():
         ref = ref_net(torch.from_numpy(x)).numpy()
     tb = create_backend(Bundle.load(fp32_bundle), "torch", "cpu", 2)

@@ -56,8 +56,8 @@ def rotated_about_z(img, degrees: float):
 
 
 @pytest.fixture(scope="module")
-def ct_path(shared_data) -> Path:
-    return shared_data / "ts_example_ct_sm.nii.gz"
+def ct_path(small_ct_path) -> Path:
+    return small_ct_path
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from dataclasses import replace
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, ConfigError
@@ -18,10 +17,14 @@ REGISTRY: dict[str, str] = {
     "onnxruntime": "flare_rt.backends.onnxrt:OnnxRuntimeBackend",
     "torch": "flare_rt.backends.torch_backend:TorchBackend",
 }
-AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")
-#: Tried under auto only when the device resolves to cuda, and then always (installed or not), so
-#: that a GPU machine without TensorRT says why it falls back.
-GPU_ONLY = frozenset({"tensorrt"})
+#: ``--backend auto``: the backends tried, in order, per device (the first that loads is used).
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("tensorrt", "torch", "onnxruntime"),
+    "cpu": ("onnxruntime", "torch"),
+}
+#: Tried under auto even when not installed, so that the log says why the fast path was not taken.
+ALWAYS_TRIED = frozenset({"tensorrt"})
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _load(name: str):
@@ -34,31 +37,25 @@ def _importable(module: str) -> bool:
 
 
 def resolve_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
+    """``auto`` → ``cuda`` where the NVIDIA driver reports a GPU, else ``cpu`` (no torch/CuPy import)."""
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device != "auto":
         return device
-    try:
-        from .onnxrt import cuda_available
+    from ..devices import cuda_device_count
 
-        if cuda_available():
-            return "cuda"
-    except BackendUnavailableError:
-        pass
-    if _importable("cupy"):
-        from ..trt.runtime import current_gpu, load_cupy
+    return "cuda" if cuda_device_count() > 0 else "cpu"
 
-        try:
-            current_gpu(load_cupy())
-            return "cuda"
-        except BackendUnavailableError:
-            pass
-    if _importable("torch"):
-        import torch
 
-        if torch.cuda.is_available():
-            return "cuda"
-    return "cpu"
+def candidates(backend: str, device: str) -> list[tuple[str, str]]:
+    """The (backend, device) pairs to try, in order. ``auto`` device on a GPU machine falls back to the
+    CPU when no GPU backend is installed."""
+    devices = [resolve_device(device)]
+    if device == "auto" and devices[0] == "cuda":
+        devices.append("cpu")
+    if backend != "auto":
+        return [(backend, d) for d in devices]
+    return [(b, d) for d in devices for b in AUTO_ORDER[d] if b in ALWAYS_TRIED or _importable(b)]
 
 
 def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", threads: int | None = None,
@@ -69,28 +66,21 @@ def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", 
         raise ConfigError(f"threads must be >= 1, got {threads}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    options = BackendOptions(device=resolve_device(device), threads=threads, batch_size=batch_size)
-    if backend != "auto":
-        tries = [(backend, options)]
-    else:
-        tries = [(n, options) for n in AUTO_ORDER if (options.device == "cuda" if n in GPU_ONLY else _importable(n))]
-        if device == "auto" and options.device == "cuda":  # no GPU backend works: the CPU still segments
-            cpu = replace(options, device="cpu")
-            tries += [(n, cpu) for n in AUTO_ORDER if n not in GPU_ONLY and _importable(n)]
+    pairs = candidates(backend, device)
     errors = []
-    for i, (name, opts) in enumerate(tries):
+    for i, (name, dev) in enumerate(pairs):
         try:
-            b = _load(name)(bundle, opts)
-            log.info("backend: %s", b.describe())
-            return b
+            b = _load(name)(bundle, BackendOptions(device=dev, threads=threads, batch_size=batch_size))
         except BackendUnavailableError as exc:
-            if backend != "auto":
+            if backend != "auto" and i == len(pairs) - 1:
                 raise
-            errors.append(f"{name} on {opts.device}: {exc}")
-            if i + 1 < len(tries):
-                nxt, nxt_opts = tries[i + 1]
-                log.warning("backend %s on %s unavailable (%s); falling back to %s on %s", name, opts.device, exc,
-                            nxt, nxt_opts.device)
+            errors.append(f"{name} on {dev}: {exc}")
+            continue
+        if errors:
+            log.info("backend %s (not usable: %s)", b.describe(), "; ".join(errors))
+        else:
+            log.info("backend: %s", b.describe())
+        return b
     raise BackendUnavailableError("no backend could run this bundle: " + "; ".join(errors or ["none installed"]))
 
 

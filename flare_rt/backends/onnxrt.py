@@ -21,10 +21,6 @@ def _ort():
     return ort
 
 
-def cuda_available() -> bool:
-    return "CUDAExecutionProvider" in _ort().get_available_providers()
-
-
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ModelError
-from ..onnx_graph import initializers
+from ..errors import BackendUnavailableError
+from ..nets import network_from_bundle
 from ..xp import array_module
 from .base import Backend, BackendOptions
 
@@ -16,28 +16,6 @@ def _torch():
     except ImportError as exc:
         raise BackendUnavailableError("the torch backend needs PyTorch: pip install 'flare-rt[torch]'") from exc
     return torch
-
-
-def network_from_bundle(bundle):
-    """The bundle's U-Net with its weights, in fp32, eval mode (on the CPU)."""
-    _torch()
-    from ..export import build_network
-    from ..nets.unet import auxiliary_keys, load_weights
-
-    net = build_network(bundle.meta)
-    inits = initializers(bundle.load_onnx())
-    aliases = bundle.meta.weight_aliases
-    state = {}
-    skip = auxiliary_keys(net)
-    for key in net.state_dict():
-        if key in skip:
-            continue
-        name = aliases.get(key, key)
-        if name not in inits:
-            raise ModelError(f"{bundle.path}: weight {key!r} not in the ONNX graph; re-export the bundle")
-        state[key] = np.asarray(inits[name], dtype=np.float32)
-    load_weights(net, state, allow_missing_auxiliary=True)
-    return net.eval()
 
 
 class TorchBackend(Backend):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
-from ..nets.unet import UNetConfig, big_unet_config, small_unet_config
+from ..nets.config import UNetConfig, big_unet_config, small_unet_config
 
 Triple = tuple[int, int, int]
 

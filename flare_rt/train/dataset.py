@@ -19,13 +19,13 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import ConfigError, InputImageError
 from ..io import Volume, load_volume, read_image
-from ..labels import NAMES
+from ..labels import NAMES, NUM_CLASSES
 from .parallel import parallel_map
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
-NUM_CLASSES = len(NAMES)  # FLARE23: background + 13 organs + tumour
+
 BACKGROUND = 0
 
 

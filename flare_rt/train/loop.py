@@ -18,19 +18,18 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ExportVerificationError, FlareError
-from ..labels import NAMES
+from ..labels import NAMES, NUM_CLASSES
 from . import ddp
 from .augment import augment_batch
 from .checkpoint import FINAL, LATEST, check_same_config, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, save_config
-from .dataset import NUM_CLASSES
-from .export import BUNDLE_NAME, bundle_meta, check_patch, export_trained
+from .dice import confusion, dice_from_counts
 from .fingerprint import Fingerprint
 from .loss import segmentation_loss
-from .metrics import confusion, dice_from_counts
-from .model import build_network, load_initial_weights
+from .model import init_network, load_initial_weights
 from .prepare import Prepared, prepare
 from .progress import EpochRecord, plot, write_csv
+from .release import BUNDLE_NAME, bundle_meta, check_patch, export_trained
 from .sampling import TRAIN_STREAM, VAL_STREAM, PatchBatches, SamplerSpec, make_loader
 
 log = logging.getLogger(__name__)
@@ -173,7 +172,7 @@ def _start(config: TrainConfig, ctx: ddp.DistContext, out: Path, resume: bool, a
     """A He-initialised network (or ``init_weights``) with its optimiser, restored from the last checkpoint
     when resuming."""
     o = config.optim
-    net = build_network(config.model, NUM_CLASSES, config.loss.deep_supervision, seed=config.runtime.seed,
+    net = init_network(config.model, NUM_CLASSES, config.loss.deep_supervision, seed=config.runtime.seed,
                         negative_slope=o.he_negative_slope)
     if config.init_weights:
         load_initial_weights(net, config.init_weights)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..nets import build_network
 from ..nets.unet import UNet, load_weights
 from .config import ModelConfig
 
@@ -24,21 +25,19 @@ def he_init(net: nn.Module, negative_slope: float = 1e-2) -> nn.Module:
     return net
 
 
-def build_network(model: ModelConfig, num_classes: int, deep_supervision: bool = True, seed: int | None = None,
-                  negative_slope: float = 1e-2) -> UNet:
-    """A freshly initialised training network (``seed`` makes the initialisation reproducible)."""
+def init_network(model: ModelConfig, num_classes: int, deep_supervision: bool = True, seed: int | None = None,
+                 negative_slope: float = 1e-2) -> UNet:
+    """A freshly He-initialised training network (``seed`` makes the initialisation reproducible)."""
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return he_init(UNet(model.unet(num_classes, deep_supervision)), negative_slope)
-    return he_init(UNet(model.unet(num_classes, deep_supervision)), negative_slope)
+            return he_init(build_network(model.unet(num_classes, deep_supervision)).train(), negative_slope)
+    return he_init(build_network(model.unet(num_classes, deep_supervision)).train(), negative_slope)
 
 
 def inference_network(net: UNet) -> UNet:
     """A copy of ``net`` without deep supervision (what a bundle holds), on the CPU, in eval mode."""
-    from dataclasses import replace
-
-    out = UNet(replace(net.cfg, deep_supervision=False))
+    out = build_network(net.cfg, deep_supervision=False)
     out.load_state_dict({k: v.detach().cpu() for k, v in net.state_dict().items()})
     return out.eval()
 
@@ -50,9 +49,8 @@ def load_initial_weights(net: UNet, path: str | Path) -> None:
     if not path.is_file():
         raise ModelError(f"{path}: init_weights not found; give a training checkpoint (.pt) or bundle (.onnx)")
     if path.suffix == ".onnx":
-        from ..backends.torch_backend import network_from_bundle
         from ..bundle import Bundle
-
+        from ..nets import network_from_bundle
         from ..nets.unet import auxiliary_keys
 
         skip = auxiliary_keys(net)

@@ -26,7 +26,6 @@ def sh(script: str, *args, env: dict | None = None, cwd: Path | None = None) -> 
 
 @pytest.mark.slow
 def test_bundles_from_an_nnunet_folder(demo_nnunet_dir, tmp_path):
-    pytest.importorskip("torch")
     r = sh("bundles.sh", demo_nnunet_dir, tmp_path / "out", "demo", env={"FLARE_RT_IMPORT_ARGS": "--demo"})
     assert r.returncode == 0, r.stderr
     from flare_rt.bundle import Bundle

@@ -14,7 +14,7 @@ from flare_rt.train import ScheduleConfig, train
 from flare_rt.train.checkpoint import FINAL, LATEST, load_checkpoint
 from flare_rt.train.config import TinyModel
 from flare_rt.train.loop import poly_lr
-from flare_rt.train.model import build_network, he_init
+from flare_rt.train.model import he_init, init_network
 
 
 class Crash(RuntimeError):
@@ -46,7 +46,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(synthetic_root, t
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # ...and training did something: the weights moved from their initialisation
-    init = build_network(TinyModel(), 15, seed=0).state_dict()
+    init = init_network(TinyModel(), 15, seed=0).state_dict()
     assert not all(torch.equal(a[k], init[k]) for k in a)
 
 
@@ -84,7 +84,7 @@ def test_without_deep_supervision(synthetic_root, tmp_path):
 
 
 def test_he_initialisation_and_poly_schedule():
-    net = he_init(build_network(TinyModel(), 15, seed=1), 1e-2)
+    net = he_init(init_network(TinyModel(), 15, seed=1), 1e-2)
     conv = net.encoder.stages[1][0].convs[0].conv
     fan_in = conv.weight[0].numel()
     expected = math.sqrt(2 / (1 + 1e-4) / fan_in)
@@ -93,6 +93,6 @@ def test_he_initialisation_and_poly_schedule():
                                                                                   torch.nn.ConvTranspose3d)))
     assert poly_lr(0.01, 0, 1000, 0.9) == 0.01
     assert poly_lr(0.01, 500, 1000, 0.9) == pytest.approx(0.01 * 0.5 ** 0.9)
-    a = build_network(TinyModel(), 15, seed=3).state_dict()
-    b = build_network(TinyModel(), 15, seed=3).state_dict()
+    a = init_network(TinyModel(), 15, seed=3).state_dict()
+    b = init_network(TinyModel(), 15, seed=3).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

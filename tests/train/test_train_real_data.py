@@ -30,9 +30,9 @@ from flare_rt.labels import NAMES
 from flare_rt.pipeline import SegmentOptions, Segmenter
 from flare_rt.train import (AugmentConfig, DataConfig, OptimConfig, RuntimeConfig, ScheduleConfig, TinyModel,
                             TrainConfig, index_from_pairs, prepare, save_index, train)
-from flare_rt.train.export import bundle_meta
+from flare_rt.train.release import bundle_meta
 from flare_rt.train.loop import validation_scores
-from flare_rt.train.model import build_network, inference_network
+from flare_rt.train.model import init_network, inference_network
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def test_tiny_network_learns_liver_and_spleen_and_its_bundle_segments(real_data,
     gt = sitk.GetArrayFromImage(sitk.ReadImage(str(dicom_label)))
 
     # before training: online validation and the whole DICOM through the runtime
-    untrained_net = build_network(config.model, 15, seed=config.runtime.seed)
+    untrained_net = init_network(config.model, 15, seed=config.runtime.seed)
     _, untrained = validation_scores(untrained_net, config, prepared)
     meta = bundle_meta(config, prepared.fingerprint, 1)
     before = segment_with(inference_network(untrained_net), meta, real_data / "ts_dicom")

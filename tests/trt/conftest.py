@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,11 @@ def gpu_stack(monkeypatch, tmp_path):
     """``install(trt_version=..., gpu=..., cc=...)`` puts a fresh fake tensorrt and cupy in sys.modules
     (for this test only) and returns them; the engine cache is a fresh folder."""
     monkeypatch.setenv("FLARE_RT_CACHE", str(tmp_path / "cache"))
+    import flare_rt.devices
+
+    # --device auto asks the driver (libcuda) for a GPU: the double's count instead
+    monkeypatch.setattr(flare_rt.devices, "cuda_device_count",
+                        lambda: max(0, int(os.environ.get("FAKE_CUDA_DEVICES", "1"))))
     for var in ("FLARE_RT_ENGINE_BUILD", "FAKE_TRT_FAIL", "FAKE_CUDA_DEVICES"):
         monkeypatch.delenv(var, raising=False)
 

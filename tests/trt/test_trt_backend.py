@@ -71,37 +71,41 @@ def test_cpu_device_and_quantised_bundles_are_refused(gpu_stack, packaged_bundle
         create_backend(q, "tensorrt", "cuda")
 
 
-def _fallback_lines(caplog):
-    return [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+def _fallback_line(caplog) -> str:
+    """The registry's one line on what it used and what was not usable (and why)."""
+    (line,) = [r.getMessage() for r in caplog.records if "not usable" in r.getMessage()]
+    return line
 
 
 def test_auto_falls_back_with_a_log_line_when_tensorrt_is_missing(gpu_stack, packaged_bundle, caplog):
-    gpu_stack(tensorrt=False)  # a GPU (CuPy sees it) but no TensorRT, no CUDA onnxruntime, no CUDA torch
+    caplog.set_level(logging.INFO)
+    gpu_stack(tensorrt=False)  # a GPU but no TensorRT, no CUDA torch, no CUDA onnxruntime
     b = create_backend(packaged_bundle, "auto", "auto")
     assert (b.name, b.device) == ("onnxruntime", "cpu")
-    lines = _fallback_lines(caplog)
-    assert lines[0].startswith("backend tensorrt on cuda unavailable (TensorRT is not installed")
-    assert lines[0].endswith("falling back to onnxruntime on cuda")
-    assert lines[-1].endswith("falling back to onnxruntime on cpu")
+    line = _fallback_line(caplog)
+    assert line.startswith("backend onnxruntime on cpu (not usable: tensorrt on cuda: TensorRT is not installed")
+    assert "pip install 'flare-rt[tensorrt]'" in line
 
 
 def test_auto_falls_back_when_no_engine_fits_and_building_is_off(gpu_stack, packaged_bundle, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     gpu_stack()
     monkeypatch.setenv("FLARE_RT_ENGINE_BUILD", "never")
     b = create_backend(packaged_bundle, "auto", "auto")
     assert b.name == "onnxruntime"
-    assert _fallback_lines(caplog)[0].startswith("backend tensorrt on cuda unavailable (no TensorRT engine for fp16")
+    assert "(not usable: tensorrt on cuda: no TensorRT engine for fp16" in _fallback_line(caplog)
     monkeypatch.setenv("FLARE_RT_ENGINE_BUILD", "sometimes")
     with pytest.raises(Exception, match=r"FLARE_RT_ENGINE_BUILD='sometimes': must be one of \('auto', 'never', 'force'\)"):
         create_backend(packaged_bundle, "tensorrt", "cuda")
 
 
 def test_auto_falls_back_for_a_quantised_bundle(gpu_stack, packaged_bundle, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     gpu_stack()
     q = Bundle.load(write_bundle(packaged_bundle.load_onnx(), packaged_bundle.meta.with_(precision="int8"),
                                  tmp_path / "q.onnx"))
     assert create_backend(q, "auto", "auto").name == "onnxruntime"
-    assert "'int8' bundle" in _fallback_lines(caplog)[0]
+    assert "tensorrt on cuda: " in _fallback_line(caplog) and "'int8' bundle" in _fallback_line(caplog)
 
 
 def test_segment_with_tensorrt_builds_the_profile_of_batch_size(gpu_stack, shared_data, tmp_path, capsys,
@@ -138,7 +142,7 @@ def test_image_start_up_reports_what_it_found(gpu_stack, packaged_bundle, monkey
     monkeypatch.setenv("FLARE_RT_ENGINE_BUILD", "never")
     fallback = create_backend(packaged_bundle, "auto", "auto", batch_size=2)
     assert fallback.name == "onnxruntime"
-    assert f"{baked.name}: GPU NVIDIA GeForce RTX 4090 (sm_89)" in _fallback_lines(caplog)[0]
+    assert f"{baked.name}: GPU NVIDIA GeForce RTX 4090 (sm_89)" in _fallback_line(caplog)
 
 
 PROBE = """
@@ -149,7 +153,7 @@ from flare_rt.backends import create_backend
 from flare_rt.backends.tensorrt import TensorRTBackend
 from flare_rt.bundle import Bundle
 from flare_rt.resources import packaged_model
-b = create_backend(Bundle.load(packaged_model()), "auto", "auto", batch_size=2)
+b = create_backend(Bundle.load(packaged_model()), "auto", "cuda", batch_size=2)
 out = b(cupy.asarray(np.zeros((2, 1, 32, 128, 192), np.float16)))
 print(b.name, out.shape, sorted(m for m in ("torch", "tensorrt", "cupy") if m in sys.modules))
 """

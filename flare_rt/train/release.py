@@ -12,6 +12,7 @@ from ..bundle import BundleMeta, ResamplingRule
 from ..export import default_check_inputs, export_bundle
 from ..labels import NAMES
 from ..nets.unet import UNet
+from ..window import DEFAULT_TILE_STEP
 from .config import TrainConfig
 from .fingerprint import Fingerprint
 from .model import inference_network
@@ -33,7 +34,7 @@ def bundle_meta(config: TrainConfig, fingerprint: Fingerprint, n_train: int) -> 
         patch_size=tuple(int(v) for v in m.patch_size),  # type: ignore[arg-type]
         normalization=fingerprint.normalization(),
         architecture=arch,
-        tile_step=0.5,
+        tile_step=DEFAULT_TILE_STEP,
         mirror_axes=(0, 1, 2),
         tta=m.tta,
         orientation=m.orientation,
