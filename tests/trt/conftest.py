@@ -1,25 +1,13 @@
 """Test doubles of TensorRT and CuPy (``fakes/``), installed per test under their real module names."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-FAKES = Path(__file__).with_name("fakes")
-TRT10, TRT11 = "10.16.1.11", "11.4.0.106"
-
-
-def _load(name: str, monkeypatch):
-    spec = importlib.util.spec_from_file_location(name, FAKES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
+from trt_doubles import TRT10, load_fake
 
 
 @pytest.fixture
@@ -39,9 +27,9 @@ def gpu_stack(monkeypatch, tmp_path):
         monkeypatch.setenv("FAKE_TRT_VERSION", trt_version)
         monkeypatch.setenv("FAKE_GPU_NAME", gpu)
         monkeypatch.setenv("FAKE_GPU_CC", cc)
-        cp = _load("cupy", monkeypatch)
+        cp = load_fake("cupy", monkeypatch)
         if tensorrt:
-            trt = _load("tensorrt", monkeypatch)
+            trt = load_fake("tensorrt", monkeypatch)
         else:
             monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
             trt = None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAKES
+from trt_doubles import FAKES
 
 from flare_rt.backends import create_backend
 from flare_rt.backends.tensorrt import TensorRTBackend

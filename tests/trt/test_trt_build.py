@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from conftest import TRT10, TRT11
 from onnx import helper
+from trt_doubles import TRT10, TRT11
 
 from flare_rt.errors import ConfigError, EngineError
 from flare_rt.onnx_graph import FLOAT16, non_fp32_norms, quantized_ops, tensor_types
