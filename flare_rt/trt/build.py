@@ -112,10 +112,13 @@ def build_engine(onnx_bytes: bytes, input_name: str, config: EngineConfig, trt, 
     cfg = builder.create_builder_config()
     cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)
     cache = cfg.create_timing_cache(timing_cache)
-    if cache is None and timing_cache:
-        log.warning("the timing cache does not load (another TensorRT version?); starting an empty one")
+    ok = cache is not None and cfg.set_timing_cache(cache, ignore_mismatch=False)
+    if not ok and timing_cache:
+        log.warning("the timing cache does not fit this TensorRT and GPU (or is damaged); starting an empty one")
         cache = cfg.create_timing_cache(b"")
-    cfg.set_timing_cache(cache, ignore_mismatch=False)
+        ok = cache is not None and cfg.set_timing_cache(cache, ignore_mismatch=False)
+    if not ok:
+        raise EngineError(f"TensorRT could not create a timing cache ({logger.last_error()})")
     profile = builder.create_optimization_profile()
     item = shape[1:]
     profile.set_shape(inp.name, (config.min_batch, *item), (config.opt_batch, *item), (config.max_batch, *item))

@@ -257,14 +257,14 @@ def _runner(path: Path, bundle, trt, cp, logger) -> EngineRunner:
 
 
 def load_engine(bundle, config: EngineConfig, *, trt, cp, gpu: GpuInfo, store: EngineStore, policy: str = "auto",
-                exact: bool = False, bundle_sha256: str | None = None) -> LoadedEngine:
+                exact: bool = False) -> LoadedEngine:
     """The runner of ``bundle``'s engine for this GPU and TensorRT: a cached (or baked) engine whose key
     fits (``exact``: equals the wanted one), else one built now (``auto``/``force``), else
     :class:`EngineError` (``never``)."""
     if policy not in POLICIES:
         raise ConfigError(f"engine build policy must be one of {POLICIES}, got {policy!r}")
     logger = make_logger(trt)
-    key = make_key(bundle_sha256 or file_sha256(bundle.path), config, gpu, str(trt.__version__))
+    key = make_key(file_sha256(bundle.path), config, gpu, str(trt.__version__))
 
     def lookup():
         hit = store.find(key)

@@ -66,6 +66,14 @@ def test_timing_cache_is_fed_back_in(gpu_stack, fp16_model):
     assert len(second) > len(first)
 
 
+def test_a_damaged_timing_cache_is_replaced(gpu_stack, fp16_model, caplog):
+    trt = gpu_stack().trt
+    plan, timing = build_engine(fp16_model.SerializeToString(), "image", EngineConfig(), trt, make_logger(trt),
+                                b"\x00 not a timing cache")
+    assert [c[1] for c in trt.CALLS if c[0] == "create_timing_cache"] == [b"\x00 not a timing cache", b""]
+    assert plan and timing and "starting an empty one" in caplog.text
+
+
 def test_parse_and_build_failures_carry_tensorrts_message(gpu_stack, fp16_model, monkeypatch):
     trt = gpu_stack().trt
     cfg = EngineConfig.for_batch(1)
