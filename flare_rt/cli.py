@@ -57,7 +57,7 @@ def load_segmenter(args, options, progress: bool):
     bundle = Bundle.load(args.model or default_model())
     if not args.model:
         log.info("no --model given: the packaged model %s", bundle.path.name)
-    backend = create_backend(bundle, args.backend, args.device, args.threads)
+    backend = create_backend(bundle, args.backend, args.device, args.threads, args.batch_size)
     seg = Segmenter(bundle, backend, options, progress=progress)
     log.info("model %s loaded in %.2fs (%s, %s mode)", bundle.path.name, time.perf_counter() - t0,
              backend.describe(), options.mode)
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["fast", "faithful"], default="fast",
                    help="faithful: nnU-Net's predictor step by step; fast (default): ROI crop, air tiles "
                         "skipped, argmax at network resolution")
-    s.add_argument("--backend", default="auto", help="auto, onnxruntime or torch")
+    s.add_argument("--backend", default="auto", help="auto, tensorrt, onnxruntime or torch")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
     s.add_argument("--step", type=float, default=None, help="tile step as a fraction of the patch (0.5 = nnU-Net)")
@@ -257,9 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluate.command import register as register_evaluate  # imports its dependencies on use
     from .train.command import register as register_train  # imports torch on use
+    from .trt.command import register as register_build_engine  # imports tensorrt on use
 
     register_evaluate(sub)
     register_train(sub)
+    register_build_engine(sub)
     return p
 
 

@@ -45,3 +45,8 @@ class ResourceError(FlareError):
     """Out of memory (GPU or host) even in the cheapest configuration."""
 
     exit_code = 7
+
+
+class EngineError(BackendUnavailableError):
+    """A TensorRT engine cannot be built, found or loaded for this GPU, TensorRT version and bundle
+    (a backend-unavailable error: ``--backend auto`` falls back to the next backend)."""

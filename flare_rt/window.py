@@ -100,7 +100,8 @@ def pad_to_patch(image, patch):
 def _predict(network: Network, batch, mirror_axes: tuple[int, ...]):
     """Network output, averaged over all flip combinations of ``mirror_axes`` (nnU-Net's TTA)."""
     xp = array_module(batch)
-    pred = network(batch)
+    # float32 blending; a copy when more calls follow (a backend may reuse its output buffer, TensorRT does)
+    pred = network(batch).astype(xp.float32, copy=bool(mirror_axes))
     if mirror_axes:
         combos = [c for i in range(len(mirror_axes)) for c in itertools.combinations(mirror_axes, i + 1)]
         for axes in combos:
