@@ -33,6 +33,13 @@ def import_cupy() -> types.ModuleType:
     return cupy
 
 
+def use_pipeline_stream(cupy) -> None:
+    """Make a non-blocking stream the current one where CuPy would use the legacy default stream (which
+    TensorRT synchronises on with every other stream). With torch present the shared stream is torch's."""
+    if cupy.cuda.get_current_stream().ptr == 0:
+        cupy.cuda.Stream(non_blocking=True).use()
+
+
 def is_device(xp: types.ModuleType) -> bool:
     return xp is not np
 

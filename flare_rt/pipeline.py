@@ -12,17 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
+from .atomic import split_suffix
+from .bundle import DEFAULT_TILE_STEP, Bundle
 from .errors import ConfigError, ResourceError
 from .gpu import DeviceClock, free_cached_memory, is_device, is_out_of_memory, synchronize
-from .atomic import split_suffix
 from .io import Volume, load_volume, write_labels, write_probabilities
 from .orientation import plan_reorientation
 from .postprocess import labels_faithful, labels_refined, refinable
 from .preprocess import CropInfo, body_crop, compute_new_shape, ct_normalize, nonzero_crop
 from .resample import make_plan, resample, upsample_labels_nearest
 from .statistics import default_statistics_path, sidecar_path
-from .window import DEFAULT_TILE_STEP, WindowConfig, pad_to_patch, sliding_window_blocks, tile_origins
+from .window import WindowConfig, pad_to_patch, sliding_window_blocks, tile_origins
 from .xp import array_module, to_device, to_host
 
 log = logging.getLogger(__name__)

@@ -8,10 +8,12 @@ interpolates the logits only where the network-resolution argmax changes (:func:
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .kernels import native_enabled
 from .resample import ResamplePlan, linear_weights, resample, resize_skimage, z_source_index
 from .xp import array_module, to_device
 
@@ -133,6 +135,13 @@ def labels_refined(blocks: Iterable, plan: ResamplePlan, out=None):
     (written into ``out`` if given)."""
     if not refinable(plan):
         raise ValueError(f"boundary-refined upsampling needs in-plane order 1 and z order 0, got {plan}")
+    blocks = iter(blocks)
+    first = next(blocks, None)
+    if first is None:
+        return out
+    blocks = itertools.chain([first], blocks)
+    if native_enabled(array_module(first[2])):
+        return _labels_native(blocks, plan, out)
     labels, weights = out, None
 
     def refined(plane):
@@ -145,6 +154,22 @@ def labels_refined(blocks: Iterable, plan: ResamplePlan, out=None):
         if labels is None:
             labels = array_module(plane).zeros(plan.out_shape, dtype=np.uint8)
         labels[k] = plane
+    return labels
+
+
+def _labels_native(blocks: Iterable, plan: ResamplePlan, out=None):
+    """:func:`labels_refined` with the native kernel: one launch per block, the same labels."""
+    from .kernels import labels_from_logits
+
+    idx = z_source_index(plan.in_shape[0], plan.out_shape[0]) if plan.in_shape[0] != plan.out_shape[0] \
+        else np.arange(plan.out_shape[0])
+    labels = out
+    for z0, z1, blk in blocks:
+        if labels is None:
+            labels = array_module(blk).zeros(plan.out_shape, dtype=np.uint8)
+        t = np.flatnonzero((idx >= z0) & (idx < z1))  # consecutive: idx never decreases
+        if t.size:
+            labels[t[0]:t[-1] + 1] = labels_from_logits(blk, idx[t] - z0, plan.out_shape[1:])
     return labels
 
 

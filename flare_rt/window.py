@@ -15,14 +15,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .bundle import DEFAULT_TILE_STEP
 from .errors import ConfigError
+from .kernels import native_enabled
 from .xp import array_module, to_device
 
 log = logging.getLogger(__name__)
 
 Network = Callable[[object], object]
-#: nnU-Net's tile step (a fraction of the patch): tiles overlap by half.
-DEFAULT_TILE_STEP = 0.5
 
 
 @dataclass(frozen=True)
@@ -169,15 +169,21 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
             lo += n
 
     batch_imgs, batch_orig = [], []
+    native = native_enabled(xp)
 
     def flush_batch():
         if not batch_imgs:
             return
         pred = _predict(network, xp.stack(batch_imgs), cfg.mirror_axes)
-        for p, (z, y, x) in zip(pred, batch_orig):
-            p *= gauss
-            acc[:, z - lo:z - lo + pz, y:y + py, x:x + px] += p
-            wsum[z - lo:z - lo + pz, y:y + py, x:x + px] += gauss
+        if native:  # one launch, the same float32 operations in the same tile order
+            from .kernels import accumulate_tiles
+
+            accumulate_tiles(acc, wsum, pred, gauss, [(z - lo, y, x) for z, y, x in batch_orig])
+        else:
+            for p, (z, y, x) in zip(pred, batch_orig):
+                p *= gauss
+                acc[:, z - lo:z - lo + pz, y:y + py, x:x + px] += p
+                wsum[z - lo:z - lo + pz, y:y + py, x:x + px] += gauss
         if progress is not None:
             progress.update(len(batch_imgs))
         batch_imgs.clear()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import strict_xp
 from flare_rt.bundle import Bundle, ResamplingRule
 from flare_rt.io import load_volume
 from flare_rt.orientation import plan_reorientation

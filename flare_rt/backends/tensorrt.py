@@ -14,7 +14,8 @@ class TensorRTBackend(Backend):
     def __init__(self, bundle, options: BackendOptions):
         super().__init__(bundle, options)
         from ..trt.cache import EngineStore, load_engine, policy_from_env
-        from ..trt.runtime import current_gpu, load_cupy, load_tensorrt
+        from ..gpu import import_cupy, use_pipeline_stream
+        from ..trt.runtime import current_gpu, load_tensorrt
 
         precision = bundle.meta.precision
         if precision not in PRECISIONS:
@@ -22,7 +23,8 @@ class TensorRTBackend(Backend):
                                           "fp32 bundles only")
         if options.device != "cuda":
             raise BackendUnavailableError(f"the tensorrt backend runs on a CUDA GPU, not --device {options.device}")
-        trt, cp = load_tensorrt(), load_cupy()
+        trt, cp = load_tensorrt(), import_cupy()
+        use_pipeline_stream(cp)
         self.gpu = current_gpu(cp)
         self._cp = cp
         config = EngineConfig.for_batch(options.batch_size, precision)

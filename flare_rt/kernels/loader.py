@@ -212,12 +212,12 @@ _loaded: dict[int, KernelModule] = {}
 
 
 def import_cupy():
+    from ..gpu import import_cupy as _import
+
     try:
-        import cupy
-    except ImportError as exc:
-        raise KernelUnavailableError("the CUDA kernels need CuPy: pip install 'flare-rt[gpu]' "
-                                     "(cupy-cuda12x or cupy-cuda13x, matching the CUDA driver)") from exc
-    return cupy
+        return _import()
+    except BackendUnavailableError as exc:
+        raise KernelUnavailableError(f"the CUDA kernels need CuPy: {exc}") from exc
 
 
 def load_kernels(cp=None) -> KernelModule:

@@ -52,13 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
     from ..cli import default_model
     from .cache import EngineStore, load_engine
-    from .runtime import current_gpu, load_cupy, load_tensorrt
+    from ..gpu import import_cupy
+    from .runtime import current_gpu, load_tensorrt
 
     bundle = Bundle.load(args.bundle or default_model())
     precision = args.precision or bundle.meta.precision
     config = EngineConfig.for_batch(args.batch_size, precision if precision in PRECISIONS else "fp16",
                                     args.workspace, args.timing_cache)
-    trt, cp = load_tensorrt(), load_cupy()
+    trt, cp = load_tensorrt(), import_cupy()
     gpu = current_gpu(cp)
     if args.gpu and args.gpu.lower() not in gpu.name.lower():
         raise EngineError(f"this machine's GPU is {gpu.describe()}, not {args.gpu!r}: a TensorRT engine is built on the "

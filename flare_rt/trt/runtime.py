@@ -36,15 +36,6 @@ def tensorrt_major(version: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def load_cupy():
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendUnavailableError("the tensorrt backend runs on CuPy device arrays: pip install "
-                                      "'flare-rt[gpu]' (cupy-cuda12x)") from exc
-    return cupy
-
-
 @dataclass(frozen=True)
 class GpuInfo:
     """The GPU an engine is built for: TensorRT engines run only on the GPU model they were built on."""

@@ -110,8 +110,11 @@ _ptrs = itertools.count(0x7000)
 class Stream:
     null: Stream
 
-    def __init__(self, ptr: int | None = None):
+    def __init__(self, ptr: int | None = None, non_blocking: bool = False):
         self.ptr = next(_ptrs) if ptr is None else ptr
+
+    def use(self):
+        _stack[:] = [self]
 
     def __enter__(self):
         _stack.append(self)
