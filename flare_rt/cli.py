@@ -105,18 +105,30 @@ def segment_single(src: Path, dst: Path, options, args) -> int:
 def segment_folder(src: Path, dst: Path, options, args) -> int:
     from tqdm import tqdm
 
-    from .folder import CaseReport, list_cases, parse_part, run_folder, summary_table
+    from .folder import CaseReport, CaseStages, list_cases, parse_part, run_folder, summary_table
+    from .io import load_volume
+    from .pipeline import StageTimer
 
     t0 = time.perf_counter()
     cases = list_cases(src, dst, parse_part(args.part))
     seg = load_segmenter(args, options, progress=False)
 
-    def segment(case) -> CaseReport:
-        pred = seg.segment_file(case.image, case_outputs(case.output, args, folder=True))
-        return CaseReport(pred.tiles, pred.timings)
+    def read(case):
+        timer = StageTimer()
+        with timer("read"):
+            return load_volume(case.image, options.series_uid, options.force), timer
+
+    def compute(case, loaded):
+        vol, timer = loaded
+        return seg.predict(vol, timer)
+
+    def write(case, loaded, pred) -> CaseReport:
+        vol, timer = loaded
+        seg.write_outputs(vol, pred, case_outputs(case.output, args, folder=True), timer)
+        return CaseReport(pred.tiles, dict(timer.t))
 
     with tqdm(total=len(cases), desc="segment", unit="case", disable=args.quiet) as bar:
-        outcomes = run_folder(cases, dst, segment, args.overwrite, progress=bar.update)
+        outcomes = run_folder(cases, dst, CaseStages(read, compute, write), args.overwrite, progress=bar.update)
     if args.statistics is not None:
         from .statistics import write_folder_csv
 

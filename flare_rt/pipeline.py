@@ -268,10 +268,14 @@ class Segmenter:
 
     def segment_volume(self, vol: Volume, outputs: "CaseOutputs | str | Path", timer: StageTimer | None = None) -> Prediction:
         """Segment a loaded volume and write the labels (and what ``outputs`` and the options ask for)."""
+        timer = timer or StageTimer()
+        return self.write_outputs(vol, self.predict(vol, timer), outputs, timer)
+
+    def write_outputs(self, vol: Volume, pred: Prediction, outputs: "CaseOutputs | str | Path",
+                      timer: StageTimer | None = None) -> Prediction:
+        """Write a prediction's labels (and probabilities, statistics, preview as asked) on ``vol``'s grid."""
         outputs = outputs if isinstance(outputs, CaseOutputs) else CaseOutputs(Path(outputs))
         timer = timer or StageTimer()
-        src = vol.source
-        pred = self.predict(vol, timer)
         with timer("write"):
             write_labels(pred.labels, vol.reference, outputs.labels)
             if pred.probabilities is not None:
@@ -289,7 +293,7 @@ class Segmenter:
                 render_preview(vol.array, pred.labels, vol.spacing, vol.direction, outputs.preview,
                                title=f"{outputs.case} ({self.bundle.meta.name})", names=names)
         pred.timings = dict(timer.t)
-        log.info("%s -> %s: %s", src, outputs.labels, ", ".join(f"{k} {v:.2f}s" for k, v in pred.timings.items()))
+        log.info("%s -> %s: %s", vol.source, outputs.labels, ", ".join(f"{k} {v:.2f}s" for k, v in pred.timings.items()))
         return pred
 
 
