@@ -16,7 +16,6 @@ from typing import Any
 from .atomic import atomic_path
 from .errors import ModelError
 from .precision import PrecisionRecord
-from .window import DEFAULT_TILE_STEP
 
 METADATA_KEY = "flare_rt"
 FORMAT_VERSION = 1
@@ -24,6 +23,8 @@ FORMAT_VERSION = 1
 #: flare-rt say "upgrade" instead of failing on the unknown field. Plain bundles stay version 1.
 VARIANT_FORMAT_VERSION = 2
 ORIENTATIONS_NONE = "none"
+#: nnU-Net's tile step (a fraction of the patch): tiles overlap by half.
+DEFAULT_TILE_STEP = 0.5
 
 
 @dataclass(frozen=True)

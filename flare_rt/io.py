@@ -64,17 +64,43 @@ def read_image(path: str | Path, series_uid: str | None = None):
         return read_dicom_series(path, series_uid)
     if not os.access(path, os.R_OK):
         raise InputImageError(f"{path}: not readable (permission denied)")
+    if path.stat().st_size == 0:
+        raise InputImageError(f"{path}: the file is empty (0 bytes)")
     _check_gzip(path)
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_header(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        msg = " ".join(str(exc).split())
-        raise InputImageError(f"{path}: cannot read image ({msg[-200:]})") from exc
+        raise InputImageError(f"{path}: cannot read image: unknown format or corrupt file "
+                              f"({_itk_message(exc)})") from exc
     if image_suffix(path) in (".nii", ".nii.gz") and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = _nifti_nonfinite(path)
         if bad:
             raise InputImageError(f"{path}: {bad} voxels are NaN or infinite; fix or mask them first")
     return image
+
+
+def _itk_message(exc: Exception) -> str:
+    """The reason in an ITK exception text, without its source-file prefix."""
+    msg = " ".join(str(exc).split())
+    for marker in ("sitk::ERROR:", "ERROR:"):
+        if marker in msg:
+            msg = msg.rsplit(marker, 1)[1].strip()
+            break
+    return msg[-200:]
+
+
+def _check_nifti_header(path: Path) -> None:
+    """A NIfTI file starts with its header size, 348 (NIfTI-1) or 540 (NIfTI-2), in either byte order."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(4)
+    if len(head) < 4:
+        raise InputImageError(f"{path}: truncated NIfTI header ({len(head)} bytes)")
+    sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
+    if not sizes & {348, 540}:
+        raise InputImageError(f"{path}: not a NIfTI file (its header does not start with the NIfTI header size)")
 
 
 def _nifti_nonfinite(path: Path) -> int:

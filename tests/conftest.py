@@ -12,6 +12,7 @@ hide its tests.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 from pathlib import Path
@@ -58,6 +59,17 @@ def pytest_make_collect_report(collector):
     if reason is not None:
         report.outcome = "failed"
         report.longrepr = f"{collector.nodeid}: module skipped, not allowed under FLARE_RT_STRICT_SKIPS=1: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def _detach_cli_logging():
+    """``cli.main`` points the root logger at the stderr of its moment (a capture stream in tests): drop
+    that handler after each test so later tests do not log into a closed stream."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
 
 
 def require(path: Path, what: str) -> Path:

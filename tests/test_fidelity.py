@@ -66,7 +66,7 @@ def flare_runs(shared_data, fp32_bundle):
     for backend in ("onnxruntime", "torch"):
         be = create_backend(bundle, backend, "cpu", 2)
         for case in CASES:
-            seg = Segmenter(bundle, be, SegmentOptions(mode="faithful", save_probabilities=case in PROB_CASES))
+            seg = Segmenter(bundle, be, SegmentOptions(mode="faithful", probabilities=case in PROB_CASES))
             p = seg.predict(load_volume(shared_data / case))
             runs[backend, case] = (p.labels, p.probabilities)
     fast = Segmenter(bundle, create_backend(bundle, "onnxruntime", "cpu", 2), SegmentOptions(mode="fast"))

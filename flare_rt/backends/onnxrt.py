@@ -50,10 +50,6 @@ def cpu_session_options(ort, threads: int | None, settings: CpuSettings = CpuSet
     return so
 
 
-def cuda_available() -> bool:
-    return "CUDAExecutionProvider" in _ort().get_available_providers()
-
-
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 

@@ -72,7 +72,7 @@ class OpenVinoBackend(Backend):
                                           "use --device cpu or another backend")
         self._ov = ov
         self._core = ov.Core()
-        self.compute, note = compute_precision(bundle.meta.precision, options.compute,
+        self.compute, note = compute_precision(bundle.meta.precision, options.precision,
                                                cpu_has_bf16(self._core))
         if note:
             log.info("%s", note)
