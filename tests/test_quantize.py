@@ -71,9 +71,11 @@ def test_auto_refuses_an_unproven_int8_bundle(int8_bundle):
         create_backend(int8_bundle, "auto", "cpu")
 
 
-def test_quantised_bundle_is_refused_by_torch_and_export(int8_bundle, capsys, tmp_path, small_ct_path):
+def test_quantised_bundle_is_refused_by_torch_tensorrt_and_export(int8_bundle, capsys, tmp_path, small_ct_path):
     with pytest.raises(BackendUnavailableError, match="the torch backend cannot run it"):
         create_backend(int8_bundle, "torch", "cpu")
+    with pytest.raises(BackendUnavailableError, match="'int8' bundle; the tensorrt backend builds fp16 or fp32"):
+        create_backend(int8_bundle, "tensorrt", "cuda")  # refused before TensorRT or a GPU is needed
     rc = main(["segment", str(small_ct_path), str(tmp_path / "s.nii.gz"), "--model", str(int8_bundle.path),
                "--backend", "torch", "-q"])
     one_line_error(capsys, rc, BackendUnavailableError.exit_code, "int8 (quantised) bundle", "torch backend")
