@@ -3,6 +3,7 @@ from --batch-size), the one-line errors when TensorRT, a GPU or a usable engine 
 fallback under --backend auto with a log line. The whole production path imports no torch."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import subprocess
@@ -18,8 +19,11 @@ from flare_rt.backends.tensorrt import TensorRTBackend
 from flare_rt.bundle import Bundle, write_bundle
 from flare_rt.cli import main
 from flare_rt.errors import BackendUnavailableError
+from flare_rt.precision import CPU_ORDER, CaseAgreement, FileHash, PrecisionRecord
 
 REPO = Path(__file__).resolve().parents[2]
+#: the CPU backend auto falls back to (the first installed of the fixed CPU order)
+CPU_FIRST = next(b for b in CPU_ORDER if importlib.util.find_spec(b) is not None)
 
 
 def test_the_backend_plugs_into_the_registry(gpu_stack, packaged_bundle):
@@ -81,9 +85,9 @@ def test_auto_falls_back_with_a_log_line_when_tensorrt_is_missing(gpu_stack, pac
     caplog.set_level(logging.INFO)
     gpu_stack(tensorrt=False)  # a GPU but no TensorRT, no CUDA torch, no CUDA onnxruntime
     b = create_backend(packaged_bundle, "auto", "auto")
-    assert (b.name, b.device) == ("onnxruntime", "cpu")
+    assert (b.name, b.device) == (CPU_FIRST, "cpu")
     line = _fallback_line(caplog)
-    assert line.startswith("backend onnxruntime on cpu (not usable: tensorrt on cuda: TensorRT is not installed")
+    assert line.startswith(f"backend {b.describe()} (not usable: tensorrt on cuda: TensorRT is not installed")
     assert "pip install 'flare-rt[tensorrt]'" in line
 
 
@@ -92,7 +96,7 @@ def test_auto_falls_back_when_no_engine_fits_and_building_is_off(gpu_stack, pack
     gpu_stack()
     monkeypatch.setenv("FLARE_RT_ENGINE_BUILD", "never")
     b = create_backend(packaged_bundle, "auto", "auto")
-    assert b.name == "onnxruntime"
+    assert b.name == CPU_FIRST
     assert "(not usable: tensorrt on cuda: no TensorRT engine for fp16" in _fallback_line(caplog)
     monkeypatch.setenv("FLARE_RT_ENGINE_BUILD", "sometimes")
     with pytest.raises(Exception, match=r"FLARE_RT_ENGINE_BUILD='sometimes': must be one of \('auto', 'never', 'force'\)"):
@@ -102,7 +106,10 @@ def test_auto_falls_back_when_no_engine_fits_and_building_is_off(gpu_stack, pack
 def test_auto_falls_back_for_a_quantised_bundle(gpu_stack, packaged_bundle, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     gpu_stack()
-    q = Bundle.load(write_bundle(packaged_bundle.load_onnx(), packaged_bundle.meta.with_(precision="int8"),
+    checks = tuple(CaseAgreement(FileHash(n, n), {"liver": 1.0}, 1000, 1.0, 1.0, 1) for n in ("a", "b"))
+    proven = PrecisionRecord("int8", "test", "onnxruntime", FileHash("fp32.onnx", "f"), checks=checks)  # auto may use it
+    q = Bundle.load(write_bundle(packaged_bundle.load_onnx(),
+                                 packaged_bundle.meta.with_(precision="int8", precision_record=proven, format_version=2),
                                  tmp_path / "q.onnx"))
     assert create_backend(q, "auto", "auto").name == "onnxruntime"
     assert "tensorrt on cuda: " in _fallback_line(caplog) and "'int8' bundle" in _fallback_line(caplog)
@@ -141,7 +148,7 @@ def test_image_start_up_reports_what_it_found(gpu_stack, packaged_bundle, monkey
     first.engine.path.unlink()
     monkeypatch.setenv("FLARE_RT_ENGINE_BUILD", "never")
     fallback = create_backend(packaged_bundle, "auto", "auto", batch_size=2)
-    assert fallback.name == "onnxruntime"
+    assert fallback.name == CPU_FIRST
     assert f"{baked.name}: GPU NVIDIA GeForce RTX 4090 (sm_89)" in _fallback_line(caplog)
 
 
