@@ -205,7 +205,7 @@ def test_volume_smaller_than_a_patch(capsys, tmp_path, out_dir, ct):
     assert sorted(p.name for p in out_dir.iterdir()) == ["small_seg.nii.gz"]
     # the CLI gives what the API gives on the same volume (padding to a patch and back is the pipeline's)
     bundle = Bundle.load(packaged_model())
-    api = Segmenter(bundle, create_backend(bundle, "onnxruntime", "cpu"), SegmentOptions()).predict(load_volume(src))
+    api = Segmenter(bundle, create_backend(bundle, "auto", "auto"), SegmentOptions()).predict(load_volume(src))
     np.testing.assert_array_equal(labels, api.labels)
 
 
