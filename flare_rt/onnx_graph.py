@@ -86,8 +86,10 @@ def flatten_instance_norm(model, min_voxels: int = 1 << 18):
     OpenVINO's CPU plugin computes a 5D normalisation in the convolutions' channels-last layout with a
     long sequential fp32 sum; on a real CT patch (786k voxels per channel at full resolution) that
     moved the logits up to 0.2 from a float64 reference, against 0.03 for ONNX Runtime. On the 3D
-    view it uses its planar kernel: 0.015 (bench/cpu_backends.py). Only the full-resolution layers
-    need it, and the reorders cost little there."""
+    view it uses its planar kernel: 0.017, better than ONNX Runtime. Only the full-resolution layers
+    need it; their reorders cost OpenVINO up to 30 % of a tile's time (bench/README.md), which fp32
+    accuracy is worth (with only the two encoder layers flattened, random inputs already fail the
+    fp32 export tolerance against ONNX Runtime)."""
     import onnx
     from onnx import helper, numpy_helper
 
