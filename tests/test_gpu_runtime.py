@@ -15,6 +15,7 @@ from flare_rt.io import load_volume
 from flare_rt.pipeline import SegmentOptions, Segmenter
 from flare_rt.resources import packaged_model
 from trivial_nets import BandNet
+from agreement import dice_per_class
 
 
 def cuda_available() -> bool:
@@ -105,13 +106,6 @@ def test_other_errors_are_not_retried(small_ct_path):
 
 
 # -- on a GPU -----------------------------------------------------------------------------------------------
-def dice_per_class(a, b, min_voxels=1000):
-    out = {}
-    for c in range(1, 15):
-        na, nb = int((a == c).sum()), int((b == c).sum())
-        if max(na, nb) >= min_voxels:
-            out[c] = 2 * int(((a == c) & (b == c)).sum()) / (na + nb)
-    return out
 
 
 @pytest.mark.gpu
