@@ -218,7 +218,7 @@ class Segmenter:
         src = vol.source
         pred = self.predict(vol, timer)
         with timer("write"):
-            write_labels(pred.labels, vol.reference, outputs.labels)
+            write_labels(pred.labels, vol.geometry, outputs.labels)
             if pred.probabilities is not None:
                 write_probabilities(pred.probabilities, self.bundle.meta.labels, outputs.probabilities)
             names = {k: v for k, v in self.bundle.meta.labels.items() if k != 0}
