@@ -277,7 +277,7 @@ def test_detached_header_output(tmp_path, ct, suffix, data_file):
     vol = load_volume(src)
     labels = (vol.array > 0).astype(np.uint8)
     out = tmp_path / "out" / f"seg{suffix}"
-    write_labels(labels, vol.reference, out)
+    write_labels(labels, vol.geometry, out)
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, data_file])
     seg = sitk.ReadImage(str(out))
     assert_same_grid(seg, ct, exact=False)
