@@ -15,11 +15,12 @@ from typing import Any
 
 from .atomic import atomic_path
 from .errors import ModelError
-from .window import DEFAULT_TILE_STEP
 
 METADATA_KEY = "flare_rt"
 FORMAT_VERSION = 1
 ORIENTATIONS_NONE = "none"
+#: nnU-Net's tile step (a fraction of the patch): tiles overlap by half.
+DEFAULT_TILE_STEP = 0.5
 
 
 @dataclass(frozen=True)

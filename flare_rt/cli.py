@@ -57,7 +57,7 @@ def load_segmenter(args, options, progress: bool):
     bundle = Bundle.load(args.model or default_model())
     if not args.model:
         log.info("no --model given: the packaged model %s", bundle.path.name)
-    backend = create_backend(bundle, args.backend, args.device, args.threads)
+    backend = create_backend(bundle, args.backend, args.device, args.threads, args.batch_size)
     seg = Segmenter(bundle, backend, options, progress=progress)
     log.info("model %s loaded in %.2fs (%s, %s mode)", bundle.path.name, time.perf_counter() - t0,
              backend.describe(), options.mode)
@@ -105,18 +105,30 @@ def segment_single(src: Path, dst: Path, options, args) -> int:
 def segment_folder(src: Path, dst: Path, options, args) -> int:
     from tqdm import tqdm
 
-    from .folder import CaseReport, list_cases, parse_part, run_folder, summary_table
+    from .folder import CaseReport, CaseStages, list_cases, parse_part, run_folder, summary_table
+    from .io import load_volume
+    from .pipeline import StageTimer
 
     t0 = time.perf_counter()
     cases = list_cases(src, dst, parse_part(args.part))
     seg = load_segmenter(args, options, progress=False)
 
-    def segment(case) -> CaseReport:
-        pred = seg.segment_file(case.image, case_outputs(case.output, args, folder=True))
-        return CaseReport(pred.tiles, pred.timings)
+    def read(case):
+        timer = StageTimer()
+        with timer("read"):
+            return load_volume(case.image, options.series_uid, options.force), timer
+
+    def compute(case, loaded):
+        vol, timer = loaded
+        return seg.predict(vol, timer)
+
+    def write(case, loaded, pred) -> CaseReport:
+        vol, timer = loaded
+        seg.write_outputs(vol, pred, case_outputs(case.output, args, folder=True), timer)
+        return CaseReport(pred.tiles, dict(timer.t))
 
     with tqdm(total=len(cases), desc="segment", unit="case", disable=args.quiet) as bar:
-        outcomes = run_folder(cases, dst, segment, args.overwrite, progress=bar.update)
+        outcomes = run_folder(cases, dst, CaseStages(read, compute, write), args.overwrite, progress=bar.update)
     if args.statistics is not None:
         from .statistics import write_folder_csv
 
@@ -205,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["fast", "faithful"], default="fast",
                    help="faithful: nnU-Net's predictor step by step; fast (default): ROI crop, air tiles "
                         "skipped, argmax at network resolution")
-    s.add_argument("--backend", default="auto", help="auto, onnxruntime or torch")
+    s.add_argument("--backend", default="auto", help="auto, tensorrt, onnxruntime or torch")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
     s.add_argument("--step", type=float, default=None, help="tile step as a fraction of the patch (0.5 = nnU-Net)")
@@ -257,9 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluate.command import register as register_evaluate  # imports its dependencies on use
     from .train.command import register as register_train  # imports torch on use
+    from .trt.command import register as register_build_engine  # imports tensorrt on use
 
     register_evaluate(sub)
     register_train(sub)
+    register_build_engine(sub)
     return p
 
 

@@ -76,24 +76,104 @@ def list_cases(src: Path, dst: Path, part: tuple[int, int] = (1, 1)) -> list[Cas
     return cases[i - 1::n]
 
 
-def run_folder(cases: Iterable[Case], out: Path, segment: Callable[[Case], CaseReport], overwrite: bool = False,
-               board: ClaimBoard | None = None, progress=None) -> list[CaseOutcome]:
-    """Segment each case this worker can claim; returns one outcome per case looked at.
+@dataclass(frozen=True)
+class CaseStages:
+    """How one case is segmented, in three steps that folder mode overlaps: ``read`` (the next case is read
+    and decompressed on a thread while the current one computes), ``compute`` (on the caller's thread: the
+    GPU's), ``write`` (compression and writing on a thread, behind the next case's compute)."""
+
+    read: Callable[[Case], object]
+    compute: Callable[[Case, object], object]
+    write: Callable[[Case, object, object], CaseReport]
+
+    @classmethod
+    def single(cls, segment: Callable[[Case], CaseReport]) -> "CaseStages":
+        """One callable doing everything (in the compute step)."""
+        return cls(read=lambda case: None, compute=lambda case, _: segment(case), write=lambda case, _, r: r)
+
+
+def _fail_reason(exc: BaseException, case: Case) -> str:
+    if isinstance(exc, FlareError):
+        log.error("%s", exc)
+        return str(exc)
+    log.error("%s: unexpected error", case.image, exc_info=exc)
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+def run_folder(cases: Iterable[Case], out: Path, stages: CaseStages | Callable[[Case], CaseReport],
+               overwrite: bool = False, board: ClaimBoard | None = None, progress=None) -> list[CaseOutcome]:
+    """Segment each case this worker can claim; returns one outcome per case looked at, in case order.
+
+    Reading the next case and writing the previous one overlap with the current case's compute (one
+    reader and one writer thread); a failed read or write fails that case only.
 
     Without ``overwrite`` an existing output is kept. With it, each case is redone once by this
     worker; cooperating workers started with ``overwrite`` should use ``--part`` to split the folder,
     since a case another worker has just written cannot be told from an old output."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stages = stages if isinstance(stages, CaseStages) else CaseStages.single(stages)
     out.mkdir(parents=True, exist_ok=True)
-    outcomes = []
-    with board or ClaimBoard(out) as board:
-        for case in cases:
-            outcomes.append(_one(case, segment, overwrite, board))
-            if progress is not None:
-                progress(1)
-    return outcomes
+    cases = list(cases)
+    outcomes: dict[int, CaseOutcome] = {}
+
+    def done(i: int, outcome: CaseOutcome) -> None:
+        outcomes[i] = outcome
+        if progress is not None:
+            progress(1)
+
+    with board or ClaimBoard(out) as board, ThreadPoolExecutor(1, "flare-read") as reader, \
+            ThreadPoolExecutor(1, "flare-write") as writer:
+        pending = iter(enumerate(cases))
+
+        def claim_next():
+            """The next case this worker claims, its read started; cases it skips get their outcome."""
+            for i, case in pending:
+                claim_or_outcome = _claim(case, overwrite, board)
+                if isinstance(claim_or_outcome, CaseOutcome):
+                    done(i, claim_or_outcome)
+                    continue
+                return i, case, claim_or_outcome, reader.submit(stages.read, case)
+            return None
+
+        def finish_write(i, case, claim, t0, future) -> None:
+            try:
+                report = future.result()
+            except Exception as exc:  # noqa: BLE001 - the case fails, the batch goes on
+                reason = _fail_reason(exc, case)
+                claim.fail(reason)
+                done(i, CaseOutcome(case, FAILED, time.perf_counter() - t0, reason=reason))
+            else:
+                claim.succeed()
+                done(i, CaseOutcome(case, DONE, time.perf_counter() - t0, report.tiles))
+            finally:
+                claim.release()
+
+        writing = None
+        nxt = claim_next()
+        while nxt is not None:
+            i, case, claim, read = nxt
+            nxt = claim_next()  # its read runs while this case computes
+            t0 = time.perf_counter()
+            try:
+                data = read.result()
+                result = stages.compute(case, data)
+            except Exception as exc:  # noqa: BLE001 - the case fails, the batch goes on
+                reason = _fail_reason(exc, case)
+                claim.fail(reason)
+                claim.release()
+                done(i, CaseOutcome(case, FAILED, time.perf_counter() - t0, reason=reason))
+                continue
+            if writing is not None:
+                finish_write(*writing)  # at most one write behind: bounded memory
+            writing = (i, case, claim, t0, writer.submit(stages.write, case, data, result))
+        if writing is not None:
+            finish_write(*writing)
+    return [outcomes[i] for i in sorted(outcomes)]
 
 
-def _one(case: Case, segment, overwrite: bool, board: ClaimBoard) -> CaseOutcome:
+def _claim(case: Case, overwrite: bool, board: ClaimBoard):
+    """The claim on ``case``, or the outcome when this worker does not segment it."""
     if case.output.resolve() == case.image.resolve():
         return CaseOutcome(case, FAILED, reason="output would overwrite the input")
     if case.output.exists() and not overwrite:
@@ -101,26 +181,14 @@ def _one(case: Case, segment, overwrite: bool, board: ClaimBoard) -> CaseOutcome
     claim = board.try_claim(case.name)
     if claim is None:
         return CaseOutcome(case, CLAIMED)
-    with claim:
-        if case.output.exists() and not overwrite:  # finished by another worker while we looked
-            return CaseOutcome(case, EXISTS)
-        earlier = board.concurrent_failure(case.name)
-        if earlier is not None:
-            return CaseOutcome(case, FAILED_ELSEWHERE, reason=earlier.reason)
-        t0 = time.perf_counter()
-        try:
-            report = segment(case)
-        except FlareError as exc:
-            reason = str(exc)
-            log.error("%s", reason)
-        except Exception as exc:  # keep going: one broken case must not stop the batch
-            log.exception("%s: unexpected error", case.image)
-            reason = f"unexpected {type(exc).__name__}: {exc}"
-        else:
-            claim.succeed()
-            return CaseOutcome(case, DONE, time.perf_counter() - t0, report.tiles)
-        claim.fail(reason)
-        return CaseOutcome(case, FAILED, time.perf_counter() - t0, reason=reason)
+    if case.output.exists() and not overwrite:  # finished by another worker while we looked
+        claim.release()
+        return CaseOutcome(case, EXISTS)
+    earlier = board.concurrent_failure(case.name)
+    if earlier is not None:
+        claim.release()
+        return CaseOutcome(case, FAILED_ELSEWHERE, reason=earlier.reason)
+    return claim
 
 
 def summary_table(outcomes: list[CaseOutcome]) -> str:

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .bundle import BundleMeta, CTNormalization, ResamplingRule
+from .bundle import DEFAULT_TILE_STEP, BundleMeta, CTNormalization, ResamplingRule
 from .errors import ModelError
-from .window import DEFAULT_TILE_STEP
 
 log = logging.getLogger(__name__)
 

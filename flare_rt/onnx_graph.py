@@ -77,3 +77,37 @@ def initializers(model) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+#: Operators of quantised graphs (Q/DQ pairs, integer kernels): not fp32/fp16 bundles.
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger")
+
+
+def quantized_ops(model) -> list[str]:
+    """The quantisation operators in ``model`` (empty for an fp32 or fp16 graph)."""
+    return sorted({node.op_type for node in model.graph.node if node.op_type in QUANTIZED_OPS})
+
+
+def tensor_types(model) -> dict[str, int]:
+    """ONNX element type of every named tensor (graph inputs, weights, inferred intermediates)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {init.name: init.data_type for init in g.initializer}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for node in g.node:  # a Cast's output type is its "to", inferred or not
+        if node.op_type == "Cast":
+            types.setdefault(node.output[0], next(a.i for a in node.attribute if a.name == "to"))
+    return types
+
+
+def non_fp32_norms(model) -> list[str]:
+    """Normalisation nodes (``FP32_OPS``) whose data input is not fp32: empty when a strongly typed
+    build keeps every InstanceNorm in fp32, as flare-rt's fp16 bundles do."""
+    types = tensor_types(model)
+    return [node.name or node.output[0] for node in model.graph.node
+            if node.op_type in FP32_OPS and types.get(node.input[0]) != FLOAT]

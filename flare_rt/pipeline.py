@@ -7,21 +7,23 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
-from .errors import ConfigError
 from .atomic import split_suffix
+from .bundle import DEFAULT_TILE_STEP, Bundle
+from .errors import ConfigError, ResourceError
+from .gpu import DeviceClock, free_cached_memory, is_device, is_out_of_memory, synchronize
 from .io import Volume, load_volume, write_labels, write_probabilities
 from .orientation import plan_reorientation
 from .postprocess import labels_faithful, labels_refined, refinable
-from .preprocess import CropInfo, body_crop, compute_new_shape, ct_normalize, nonzero_crop, paste
+from .preprocess import CropInfo, body_crop, compute_new_shape, ct_normalize, nonzero_crop
 from .resample import make_plan, resample, upsample_labels_nearest
 from .statistics import default_statistics_path, sidecar_path
-from .window import DEFAULT_TILE_STEP, WindowConfig, pad_to_patch, sliding_window_blocks
+from .window import WindowConfig, pad_to_patch, sliding_window_blocks, tile_origins
+from .xp import array_module, to_device, to_host
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,12 @@ class Prediction:
 
 
 class StageTimer:
-    def __init__(self):
+    """Wall time per named stage; ``sync`` (the device's) is called at the end of each stage so that
+    asynchronous GPU work is charged to the stage that queued it."""
+
+    def __init__(self, sync=None):
         self.t: dict[str, float] = {}
+        self.sync = sync
 
     @contextmanager
     def __call__(self, name: str):
@@ -121,11 +127,29 @@ class StageTimer:
         try:
             yield
         finally:
+            if self.sync is not None:
+                self.sync()
             self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
 
 
+def compact_ct(array: np.ndarray) -> np.ndarray:
+    """A contiguous copy to send to the device: integer CT in int16 when its values fit (half the bytes of
+    int32), floats as float32."""
+    if array.dtype.kind in "iu" and array.dtype.itemsize > 2 and array.size:
+        info = np.iinfo(np.int16)
+        if info.min <= int(array.min()) and int(array.max()) <= info.max:
+            return np.ascontiguousarray(array, dtype=np.int16)
+    if array.dtype.kind == "f" and array.dtype != np.float32:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    return np.ascontiguousarray(array)
+
+
 class Segmenter:
-    """A loaded model (bundle + backend) that segments volumes; load once, call for each case."""
+    """A loaded model (bundle + backend) that segments volumes; load once, call for each case.
+
+    The arrays live where the backend computes (``backend.xp``: numpy, or CuPy on a GPU): the CT goes
+    there once (as int16 where it fits), every stage runs there with the same functions, and only the
+    uint8 labels (and probabilities when asked for) come back."""
 
     def __init__(self, bundle: Bundle, backend, options: SegmentOptions = SegmentOptions(), progress: bool = False):
         self.bundle, self.backend, self.options, self.progress = bundle, backend, options, progress
@@ -135,73 +159,104 @@ class Segmenter:
         self.window = WindowConfig(patch_size=meta.patch_size, step=step, batch_size=options.batch_size,
                                    mirror_axes=meta.mirror_axes if tta else ())
         if meta.demo:
-            log.warning("%s is a coarse DEMONSTRATION model (%s): its segmentations are not accurate",
-                        bundle.path.name, meta.description or "demo")
+            log.warning("%s is a coarse DEMONSTRATION model: its segmentations are not accurate", bundle.path.name)
+
+    @property
+    def xp(self):
+        """The array module of the backend's device (numpy for callables without one)."""
+        return getattr(self.backend, "xp", np)
 
     # -- stages -------------------------------------------------------------------------------
     def predict(self, volume: Volume, timer: StageTimer | None = None) -> Prediction:
+        xp = self.xp
         timer = timer or StageTimer()
+        timer.sync = (lambda: synchronize(xp)) if is_device(xp) else None
         meta, opts = self.bundle.meta, self.options
         fast = opts.fast_options
-        with timer("preprocess"):
+        with timer("upload"):
             reo = plan_reorientation(volume.direction, meta.orientation)
-            arr = reo.apply(volume.array).transpose(meta.transpose_forward)
+            arr = to_device(compact_ct(reo.apply(volume.array).transpose(meta.transpose_forward)), xp)
             spacing = tuple(reo.spacing(volume.spacing)[i] for i in meta.transpose_forward)
+        with timer("preprocess"):
             crop = nonzero_crop(arr) if meta.crop_nonzero else CropInfo(arr.shape, tuple((0, s) for s in arr.shape))
             if fast and fast.roi_crop:
                 crop = body_crop(arr, fast.body_threshold_hu, fast.body_margin, crop)
             cropped = arr[crop.slices]
-            data = ct_normalize(cropped, meta.normalization)[None]
             net_shape = compute_new_shape(crop.shape_after, spacing, meta.spacing)
             plan = make_plan(crop.shape_after, net_shape, spacing, meta.spacing, meta.resampling, probabilities=False)
             cdt = np.dtype(fast.compute_dtype if fast else "float64")
-            data = resample(data, plan, out_dtype=np.float32, compute_dtype=cdt)
+            data = resample(cropped[None], plan, out_dtype=np.float32, compute_dtype=cdt,
+                            pre=lambda a: ct_normalize(a, meta.normalization))
             keep = self._tile_filter(cropped, net_shape, fast.body_threshold_hu) if fast and fast.roi else None
-        net_time = [0.0]
-        n_tiles = [0]
+        back = make_plan(net_shape, crop.shape_after, meta.spacing, spacing, meta.resampling, probabilities=True)
+        window = self.window
+        while True:
+            try:
+                labels, probs, tiles = self._window_and_labels(data, window, keep, back, crop, arr.shape, timer)
+                break
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+                if not is_out_of_memory(exc):
+                    raise
+                free_cached_memory(xp)
+                if window.batch_size == 1:
+                    raise ResourceError(f"{volume.source}: out of {'GPU' if is_device(xp) else 'host'} memory "
+                                        f"even with one tile per batch ({type(exc).__name__}); use a device with more "
+                                        "free memory, or --device cpu") from exc
+                smaller = replace(window, batch_size=max(1, window.batch_size // 2))
+                log.warning("%s: out of memory with %d tiles per batch; retrying with %d", volume.source,
+                            window.batch_size, smaller.batch_size)
+                window = smaller
+        with timer("download"):
+            labels = to_host(xp.ascontiguousarray(reo.invert(labels.transpose(meta.transpose_backward))))
+            if probs is not None:
+                probs = to_host(xp.stack([reo.invert(p.transpose(meta.transpose_backward)) for p in probs]))
+        return Prediction(labels, probs, dict(timer.t), tiles, tuple(net_shape))
+
+    def _window_and_labels(self, data, window: WindowConfig, keep, back, crop: CropInfo, full_shape, timer):
+        """Sliding window and the way back, streamed: labels (and probabilities) on the uncropped grid."""
+        xp, meta, opts = self.xp, self.bundle.meta, self.options
+        fast = opts.fast_options
+        clock, n_tiles = DeviceClock(xp), [0]
 
         def network(batch):
-            t0 = time.perf_counter()
+            clock.start()
             out = self.backend(batch)
-            net_time[0] += time.perf_counter() - t0
+            clock.stop()
             n_tiles[0] += len(batch)
             return out
 
         from tqdm import tqdm
 
-        bar = tqdm(desc="tiles", unit="tile", disable=not self.progress, leave=False)
-        with timer("window+export"), bar:
-            blocks = sliding_window_blocks(data, network, meta.num_classes, self.window, keep_tile=keep,
-                                           progress=bar)
-            back = make_plan(net_shape, crop.shape_after, meta.spacing, spacing, meta.resampling, probabilities=True)
+        t0 = time.perf_counter()
+        with tqdm(desc="tiles", unit="tile", disable=not self.progress, leave=False) as bar:
+            blocks = sliding_window_blocks(data, network, meta.num_classes, window, keep_tile=keep, progress=bar)
+            labels = xp.zeros(full_shape, dtype=np.uint8)  # written in place: no paste copy
             if fast and fast.label_upsampling and not opts.probabilities and refinable(back):
-                labels, probs = labels_refined(blocks, back), None
+                labels_refined(blocks, back, out=labels[crop.slices])
+                probs = None
             else:
-                labels, probs = labels_faithful(blocks, back, meta.num_classes, opts.probabilities)
-        timer.t["network"] = net_time[0]
-        timer.t["window+export"] -= net_time[0]
-        with timer("export"):
-            labels = paste(labels, crop)
-            labels = reo.invert(labels.transpose(meta.transpose_backward))
-            if probs is not None:
-                full = paste(probs, crop)
-                full[0][labels_mask_outside(crop)] = 1  # certain background outside the crop, as nnU-Net
-                probs = np.stack([reo.invert(p.transpose(meta.transpose_backward)) for p in full])
-        timer.t["blend+resample"] = timer.t.pop("window+export")
-        return Prediction(np.ascontiguousarray(labels), probs, dict(timer.t), n_tiles[0], tuple(net_shape))
+                _, probs = labels_faithful(blocks, back, meta.num_classes, opts.probabilities, out=labels[crop.slices])
+                if probs is not None:
+                    probs = paste_probabilities(probs, crop)
+            if timer.sync is not None:
+                timer.sync()
+        network_s = clock.seconds()
+        timer.t["network"] = timer.t.get("network", 0.0) + network_s
+        timer.t["blend+resample"] = timer.t.get("blend+resample", 0.0) + time.perf_counter() - t0 - network_s
+        return labels, probs, n_tiles[0]
 
-    def _tile_filter(self, cropped: np.ndarray, net_shape, threshold_hu: float):
-        """Fast mode: keep only tiles that contain body voxels (above ``threshold_hu``)."""
-        body = cropped > threshold_hu
-        body_net = upsample_labels_nearest(body, net_shape)
-        padded, _ = pad_to_patch(body_net[None], self.window.patch_size)
+    def _tile_filter(self, cropped, net_shape, threshold_hu: float):
+        """Fast mode: keep only tiles that contain body voxels (above ``threshold_hu``). The image is sampled
+        at network resolution (nearest) before the threshold, and every tile's flag is read in one sync."""
+        xp = array_module(cropped)
+        body = upsample_labels_nearest(cropped, net_shape) > threshold_hu
+        padded, _ = pad_to_patch(body[None], self.window.patch_size)
         mask = padded[0]
         pz, py, px = self.window.patch_size
-
-        def keep(o) -> bool:
-            return bool(mask[o[0]:o[0] + pz, o[1]:o[1] + py, o[2]:o[2] + px].any())
-
-        return keep
+        origins = tile_origins(mask.shape, self.window)
+        flags = to_host(xp.stack([mask[z:z + pz, y:y + py, x:x + px].any() for z, y, x in origins]))
+        kept = {o for o, f in zip(origins, flags.tolist()) if f}
+        return kept.__contains__
 
     # -- files --------------------------------------------------------------------------------
     def segment_file(self, src: str | Path, outputs: "CaseOutputs | str | Path") -> Prediction:
@@ -213,10 +268,14 @@ class Segmenter:
 
     def segment_volume(self, vol: Volume, outputs: "CaseOutputs | str | Path", timer: StageTimer | None = None) -> Prediction:
         """Segment a loaded volume and write the labels (and what ``outputs`` and the options ask for)."""
+        timer = timer or StageTimer()
+        return self.write_outputs(vol, self.predict(vol, timer), outputs, timer)
+
+    def write_outputs(self, vol: Volume, pred: Prediction, outputs: "CaseOutputs | str | Path",
+                      timer: StageTimer | None = None) -> Prediction:
+        """Write a prediction's labels (and probabilities, statistics, preview as asked) on ``vol``'s grid."""
         outputs = outputs if isinstance(outputs, CaseOutputs) else CaseOutputs(Path(outputs))
         timer = timer or StageTimer()
-        src = vol.source
-        pred = self.predict(vol, timer)
         with timer("write"):
             write_labels(pred.labels, vol.reference, outputs.labels)
             if pred.probabilities is not None:
@@ -234,7 +293,7 @@ class Segmenter:
                 render_preview(vol.array, pred.labels, vol.spacing, vol.direction, outputs.preview,
                                title=f"{outputs.case} ({self.bundle.meta.name})", names=names)
         pred.timings = dict(timer.t)
-        log.info("%s -> %s: %s", src, outputs.labels, ", ".join(f"{k} {v:.2f}s" for k, v in pred.timings.items()))
+        log.info("%s -> %s: %s", vol.source, outputs.labels, ", ".join(f"{k} {v:.2f}s" for k, v in pred.timings.items()))
         return pred
 
 
@@ -269,7 +328,10 @@ class CaseOutputs:
         return [self.labels, *([self.probabilities] if probabilities else []), *extra]
 
 
-def labels_mask_outside(crop: CropInfo) -> np.ndarray:
-    inside = np.zeros(crop.shape_before, dtype=bool)
-    inside[crop.slices] = True
-    return ~inside
+def paste_probabilities(probs, crop: CropInfo):
+    """Cropped (K, ...) probabilities on the uncropped grid: certain background outside the crop, as nnU-Net."""
+    xp = array_module(probs)
+    full = xp.zeros((probs.shape[0], *crop.shape_before), dtype=probs.dtype)
+    full[0] = 1
+    full[(slice(None), *crop.slices)] = probs
+    return full

@@ -8,12 +8,14 @@ interpolates the logits only where the network-resolution argmax changes (:func:
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .kernels import native_enabled
 from .resample import ResamplePlan, linear_weights, resample, resize_skimage, z_source_index
-from .xp import array_module
+from .xp import array_module, to_device
 
 
 def softmax(logits, axis: int = 0):
@@ -43,25 +45,29 @@ def streams(plan: ResamplePlan) -> bool:
 
 
 def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want_probabilities: bool = False,
-                    compute_dtype=np.float32):
+                    compute_dtype=np.float32, out=None):
     """Consume ``(z0, z1, logits_block)`` in row order; return uint8 labels of ``plan.out_shape``
-    (and float16 probabilities if asked)."""
+    (written into ``out`` if given) and float16 probabilities if asked."""
     out_shape = plan.out_shape
     if not streams(plan):  # rare (isotropic or x/y-anisotropic models): resample per class, running argmax
-        return _labels_per_class(blocks, plan, num_classes, want_probabilities, compute_dtype)
+        labels, probs = _labels_per_class(blocks, plan, num_classes, want_probabilities, compute_dtype)
+        if out is not None:
+            out[...] = labels
+            labels = out
+        return labels, probs
 
     def resized(plane):
         xp = array_module(plane)
         return xp.stack([resize_skimage(plane[c].astype(compute_dtype, copy=False), out_shape[1:], plan.order,
                                         np.float32) for c in range(num_classes)])
 
-    labels = probs = None
+    labels, probs = out, None
     for k, planes in output_rows(blocks, plan, resized):
+        xp = array_module(planes)
         if labels is None:
-            xp = array_module(planes)
             labels = xp.zeros(out_shape, dtype=np.uint8)
-            if want_probabilities:
-                probs = xp.zeros((num_classes, *out_shape), dtype=np.float16)
+        if want_probabilities and probs is None:
+            probs = xp.zeros((num_classes, *out_shape), dtype=np.float16)
         labels[k] = planes.argmax(0)
         if want_probabilities:
             probs[:, k] = softmax(planes).astype(np.float16)
@@ -95,16 +101,21 @@ def _labels_per_class(blocks: Iterable, plan: ResamplePlan, num_classes: int, wa
     return best_idx, probs
 
 
-def refine_plane(logits, out_plane):
+def plane_weights(in_plane, out_plane, xp=np):
+    """The bilinear sample positions and weights of :func:`refine_plane` (y0, y1, wy, x0, x1, wx), as
+    arrays of ``xp`` (compute once per case, not per plane: on a GPU they are an upload)."""
+    (y0, y1, wy), (x0, x1, wx) = (linear_weights(n, m, np.float32) for n, m in zip(in_plane, out_plane))
+    return tuple(to_device(a, xp) for a in (y0, y1, wy, x0, x1, wx))
+
+
+def refine_plane(logits, out_plane, weights=None):
     """Labels of the bilinearly resized (K, Y, X) ``logits`` on ``out_plane``, computed exactly but
     only where needed: where the four network voxels around a sample share one argmax, the
     interpolated logits (a convex combination) have that argmax too; elsewhere (label boundaries,
     typically a few per cent of voxels) the K logits are interpolated and reduced."""
     xp = array_module(logits)
     net = logits.argmax(0)
-    (y0, y1, wy), (x0, x1, wx) = (linear_weights(n, m, np.float32) for n, m in zip(logits.shape[1:], out_plane))
-    if xp is not np:
-        y0, y1, wy, x0, x1, wx = (xp.asarray(a) for a in (y0, y1, wy, x0, x1, wx))
+    y0, y1, wy, x0, x1, wx = weights or plane_weights(logits.shape[1:], out_plane, xp)
     a, b = net[y0][:, x0], net[y0][:, x1]
     c, d = net[y1][:, x0], net[y1][:, x1]
     labels = a.astype(np.uint8)
@@ -118,16 +129,47 @@ def refine_plane(logits, out_plane):
     return labels
 
 
-def labels_refined(blocks: Iterable, plan: ResamplePlan):
+def labels_refined(blocks: Iterable, plan: ResamplePlan, out=None):
     """Fast mode's labels for nnU-Net's usual back-resampling (in-plane order 1, z order 0): the
-    argmax of the resampled logits, as :func:`labels_faithful`, at the cost of a label upsampling."""
+    argmax of the resampled logits, as :func:`labels_faithful`, at the cost of a label upsampling
+    (written into ``out`` if given)."""
     if not refinable(plan):
         raise ValueError(f"boundary-refined upsampling needs in-plane order 1 and z order 0, got {plan}")
-    labels = None
-    for k, plane in output_rows(blocks, plan, lambda p: refine_plane(p, plan.out_shape[1:])):
+    blocks = iter(blocks)
+    first = next(blocks, None)
+    if first is None:
+        return out
+    blocks = itertools.chain([first], blocks)
+    if native_enabled(array_module(first[2])):
+        return _labels_native(blocks, plan, out)
+    labels, weights = out, None
+
+    def refined(plane):
+        nonlocal weights
+        if weights is None:
+            weights = plane_weights(plan.in_shape[1:], plan.out_shape[1:], array_module(plane))
+        return refine_plane(plane, plan.out_shape[1:], weights)
+
+    for k, plane in output_rows(blocks, plan, refined):
         if labels is None:
             labels = array_module(plane).zeros(plan.out_shape, dtype=np.uint8)
         labels[k] = plane
+    return labels
+
+
+def _labels_native(blocks: Iterable, plan: ResamplePlan, out=None):
+    """:func:`labels_refined` with the native kernel: one launch per block, the same labels."""
+    from .kernels import labels_from_logits
+
+    idx = z_source_index(plan.in_shape[0], plan.out_shape[0]) if plan.in_shape[0] != plan.out_shape[0] \
+        else np.arange(plan.out_shape[0])
+    labels = out
+    for z0, z1, blk in blocks:
+        if labels is None:
+            labels = array_module(blk).zeros(plan.out_shape, dtype=np.uint8)
+        t = np.flatnonzero((idx >= z0) & (idx < z1))  # consecutive: idx never decreases
+        if t.size:
+            labels[t[0]:t[-1] + 1] = labels_from_logits(blk, idx[t] - z0, plan.out_shape[1:])
     return labels
 
 

@@ -286,3 +286,49 @@ def test_concurrent_workers_share_the_cases(tmp_path, crowd_cases, workers):
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case00.nii.gz")))
     for g in good:
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{g}.nii.gz"))), ref)
+
+
+def test_reads_and_writes_overlap_the_compute_and_fail_alone(tmp_path):
+    import threading
+
+    src, out = fake_cases(tmp_path, ["a", "b_badread", "c", "d_badwrite", "e"])
+    log, lock = [], threading.Lock()
+
+    def note(what, case):
+        with lock:
+            log.append((what, case.name, threading.current_thread().name))
+
+    def read(case):
+        note("read", case)
+        if "badread" in case.name:
+            raise InputImageError(f"{case.image}: the file is empty (0 bytes)")
+        return case.name
+
+    def compute(case, data):
+        note("compute start", case)
+        time.sleep(0.2)  # the next case's read runs meanwhile
+        note("compute end", case)
+        return data.upper()
+
+    def write(case, data, result):
+        note("write", case)
+        if "badwrite" in case.name:
+            raise OSError(f"{case.output}: no space left on device")
+        case.output.write_text(result)
+        return CaseReport(tiles=1)
+
+    from flare_rt.folder import CaseStages
+
+    outcomes = run_folder(list_cases(src, out), out, CaseStages(read, compute, write))
+    assert [(o.case.name, o.status) for o in outcomes] == [
+        ("a", DONE), ("b_badread", FAILED), ("c", DONE), ("d_badwrite", FAILED), ("e", DONE)]
+    assert "file is empty" in outcomes[1].reason and "no space left" in outcomes[3].reason
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "c.nii.gz", "e.nii.gz"]
+    assert (out / "c.nii.gz").read_text() == "C"
+    order = [(w, n) for w, n, _ in log]
+    # the next case is read while the current one computes; writes trail on their own thread
+    assert order.index(("read", "b_badread")) < order.index(("compute end", "a"))
+    assert order.index(("read", "d_badwrite")) < order.index(("compute end", "c"))
+    threads = {w: t for w, n, t in log if n == "a"}
+    assert threads["read"].startswith("flare-read") and threads["write"].startswith("flare-write")
+    assert threads["compute start"] == threading.main_thread().name

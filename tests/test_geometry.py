@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from flare_rt.bundle import Bundle, write_bundle
 from flare_rt.cli import main
 from flare_rt.resources import packaged_model
+from agreement import dice
 
 LIVER = 1
 # Tiles that abut instead of overlapping by half: half the network time on 2 CPU cores. Every comparison
@@ -39,11 +40,6 @@ def assert_same_grid(seg, ref, exact: bool) -> None:
 
 def labels_of(img) -> np.ndarray:
     return sitk.GetArrayFromImage(img)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
 
 
 def rotated_about_z(img, degrees: float):

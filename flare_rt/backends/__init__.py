@@ -11,16 +11,19 @@ from .base import Backend, BackendOptions
 
 log = logging.getLogger(__name__)
 
-#: name -> "module:Class"; the GPU issue adds "tensorrt".
+#: name -> "module:Class".
 REGISTRY: dict[str, str] = {
+    "tensorrt": "flare_rt.backends.tensorrt:TensorRTBackend",
     "onnxruntime": "flare_rt.backends.onnxrt:OnnxRuntimeBackend",
     "torch": "flare_rt.backends.torch_backend:TorchBackend",
 }
 #: ``--backend auto``: the backends tried, in order, per device (the first that loads is used).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("torch", "onnxruntime"),
+    "cuda": ("tensorrt", "torch", "onnxruntime"),
     "cpu": ("onnxruntime", "torch"),
 }
+#: Tried under auto even when not installed, so that the log says why the fast path was not taken.
+ALWAYS_TRIED = frozenset({"tensorrt"})
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -52,19 +55,22 @@ def candidates(backend: str, device: str) -> list[tuple[str, str]]:
         devices.append("cpu")
     if backend != "auto":
         return [(backend, d) for d in devices]
-    return [(b, d) for d in devices for b in AUTO_ORDER[d] if _importable(b)]
+    return [(b, d) for d in devices for b in AUTO_ORDER[d] if b in ALWAYS_TRIED or _importable(b)]
 
 
-def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", threads: int | None = None) -> Backend:
+def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", threads: int | None = None,
+                   batch_size: int = 1) -> Backend:
     if backend != "auto" and backend not in REGISTRY:
         raise ConfigError(f"backend must be auto or one of {sorted(REGISTRY)}, got {backend!r}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     pairs = candidates(backend, device)
     errors = []
     for i, (name, dev) in enumerate(pairs):
         try:
-            b = _load(name)(bundle, BackendOptions(device=dev, threads=threads))
+            b = _load(name)(bundle, BackendOptions(device=dev, threads=threads, batch_size=batch_size))
         except BackendUnavailableError as exc:
             if backend != "auto" and i == len(pairs) - 1:
                 raise

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..bundle import BundleMeta, ResamplingRule
+from ..bundle import DEFAULT_TILE_STEP, BundleMeta, ResamplingRule
 from ..export import default_check_inputs, export_bundle
 from ..labels import NAMES
 from ..nets.unet import UNet
-from ..window import DEFAULT_TILE_STEP
 from .config import TrainConfig
 from .fingerprint import Fingerprint
 from .model import inference_network
