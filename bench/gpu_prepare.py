@@ -20,7 +20,6 @@ plus the carried folders. The check adds those up and fails with one line naming
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchpath import BENCH, REPO  # noqa: E402,F401  (sys.path: this checkout)
+from flare_rt.trt.cache import file_sha256  # noqa: E402  (no TensorRT import)
 
 log = logging.getLogger("bench.gpu_prepare")
 
@@ -171,14 +171,6 @@ def download(req: Requirement, wheels: Path, tmp: Path) -> Path:
     return got
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def decide_checkpoint(mode: str, repo_bytes: int, other_bytes: int, checkpoint_bytes: int) -> bool:
     """Carry the checkpoint? ``auto``: when everything fits with :data:`MARGIN_BYTES` to spare."""
     if mode in ("checkpoint", "bundle"):
@@ -217,7 +209,7 @@ def prepare(root: Path, model_dir: Path, fold: str, mode: str, reqs: list[Requir
         "requirements": [f"{r.name}=={r.version}" for r in reqs],
         "model": {"name": model_dir.name, "fold": fold, "checkpoint": "carried" if carry else "rebuild",
                   "source": str(model_dir), "checkpoint_bytes": ckpt.stat().st_size},
-        "files": [{"path": str(f.relative_to(dest)), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files],
+        "files": [{"path": str(f.relative_to(dest)), "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files],
     }
     with open(dest / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)
@@ -239,7 +231,7 @@ def verify(root: Path) -> list[str]:
         f = dest / entry["path"]
         if not f.is_file():
             problems.append(f"{f}: missing")
-        elif f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+        elif f.stat().st_size != entry["bytes"] or file_sha256(f) != entry["sha256"]:
             problems.append(f"{f}: differs from the manifest")
     return problems
 

@@ -112,7 +112,7 @@ def test_verify_finds_missing_and_changed_files(tmp_path):
     (dest / "wheels").mkdir(parents=True)
     (dest / "wheels" / "a.whl").write_bytes(b"abc")
     (dest / "b.json").write_bytes(b"{}")
-    manifest = {"files": [{"path": "wheels/a.whl", "bytes": 3, "sha256": gpu_prepare._sha256(dest / "wheels/a.whl")},
+    manifest = {"files": [{"path": "wheels/a.whl", "bytes": 3, "sha256": gpu_prepare.file_sha256(dest / "wheels/a.whl")},
                           {"path": "b.json", "bytes": 2, "sha256": "0" * 64},
                           {"path": "model/c.pth", "bytes": 1, "sha256": "0" * 64}]}
     (dest / "manifest.json").write_text(json.dumps(manifest))
