@@ -283,7 +283,7 @@ class Segmenter:
         outputs = outputs if isinstance(outputs, CaseOutputs) else CaseOutputs(Path(outputs))
         timer = timer or StageTimer()
         with timer("write"):
-            write_labels(pred.labels, vol.reference, outputs.labels)
+            write_labels(pred.labels, vol.geometry, outputs.labels)
             if pred.probabilities is not None:
                 write_probabilities(pred.probabilities, self.bundle.meta.labels, outputs.probabilities)
             names = {k: v for k, v in self.bundle.meta.labels.items() if k != 0}

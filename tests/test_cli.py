@@ -92,7 +92,7 @@ def imports_of(path: Path) -> set[str]:
     module = ".".join(path.relative_to(REPO).with_suffix("").parts)
     package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module.rsplit(".__init__", 1)[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("flare_rt")}
         elif isinstance(node, ast.ImportFrom):

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from flare_rt.bundle import Bundle, write_bundle
 from flare_rt.cli import main
 from flare_rt.resources import packaged_model
+from agreement import dice
 
 LIVER = 1
 # Tiles that abut instead of overlapping by half: half the network time on 2 CPU cores. Every comparison
@@ -39,11 +40,6 @@ def assert_same_grid(seg, ref, exact: bool) -> None:
 
 def labels_of(img) -> np.ndarray:
     return sitk.GetArrayFromImage(img)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
 
 
 def rotated_about_z(img, degrees: float):
@@ -281,7 +277,7 @@ def test_detached_header_output(tmp_path, ct, suffix, data_file):
     vol = load_volume(src)
     labels = (vol.array > 0).astype(np.uint8)
     out = tmp_path / "out" / f"seg{suffix}"
-    write_labels(labels, vol.reference, out)
+    write_labels(labels, vol.geometry, out)
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, data_file])
     seg = sitk.ReadImage(str(out))
     assert_same_grid(seg, ct, exact=False)

@@ -157,10 +157,9 @@ def _dicom_labels(shared_data):
     resampling; the labels are stored flipped in y (LAS vs LPS), so this must equal the flip."""
     volume = load_volume(shared_data / "ts_dicom")
     stored = sitk.ReadImage(str(shared_data / "ts_dicom_seg_flare.nii.gz"))
-    ref = volume.reference
-    size = list(reversed(volume.array.shape))
-    on_grid = sitk.Resample(stored, size, sitk.Transform(), sitk.sitkNearestNeighbor, ref.GetOrigin(),
-                            ref.GetSpacing(), ref.GetDirection(), 0, stored.GetPixelID())
+    g = volume.geometry
+    on_grid = sitk.Resample(stored, g.size, sitk.Transform(), sitk.sitkNearestNeighbor, g.origin, g.spacing,
+                            g.direction, 0, stored.GetPixelID())
     labels = sitk.GetArrayFromImage(on_grid)
     np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(stored)[:, ::-1, :])
     assert 0 < np.count_nonzero(labels) < labels.size

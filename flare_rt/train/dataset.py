@@ -253,8 +253,8 @@ def load_case(entry: CaseEntry) -> tuple[Volume, np.ndarray | None]:
     volume = load_volume(entry.image)
     if entry.label is None:
         return volume, None
-    r = volume.reference
-    ref = grid_image(volume.array.shape, r.GetSpacing(), r.GetOrigin(), r.GetDirection())
+    g = volume.geometry
+    ref = grid_image(volume.array.shape, g.spacing, g.origin, g.direction)
     return volume, read_label(entry.label, ref)
 
 
