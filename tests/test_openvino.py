@@ -3,7 +3,6 @@ graph transform it relies on."""
 from __future__ import annotations
 
 import importlib.util
-import logging
 import sys
 
 import numpy as np
@@ -122,5 +121,4 @@ def test_missing_openvino_says_how_to_install(bundle, monkeypatch, capsys, small
     assert "openvino" in err[0] and "pip install" in err[0]
     assert not (tmp_path / "o.nii.gz").exists()
     # auto goes on to the next backend
-    logging.getLogger("flare_rt").setLevel(logging.WARNING)
     assert create_backend(bundle, "auto", "cpu").name == "onnxruntime"
