@@ -3,6 +3,7 @@ format and orientation; a bundle with an anatomical orientation segments the sam
 storage order; DICOM input keeps the series geometry and agrees with a reference in physical space."""
 from __future__ import annotations
 
+import locale
 import math
 from pathlib import Path
 
@@ -215,7 +216,16 @@ def test_dicom_liver_overlaps_reference(dicom_seg, shared_data):
 
 
 def write_dicom_series(img, folder: Path) -> None:
-    """A minimal CT series (one file per slice) with the image's geometry, written by SimpleITK/GDCM."""
+    """A minimal CT series (one file per slice) with the image's geometry, written by SimpleITK/GDCM (whose
+    DICOM writer sets the process's C locale: restored afterwards, or later text decoding turns ASCII)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_series(img, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(img, folder: Path) -> None:
     folder.mkdir()
     d = img.GetDirection()
     orientation = "\\".join(f"{v:.10g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
