@@ -155,8 +155,11 @@ def quantize_int8(model, tiles: np.ndarray, input_name: str, options: QuantizeOp
         except ImportError as exc:
             raise BackendUnavailableError("int8 quantisation with NNCF needs it: pip install 'flare-rt[openvino]'") \
                 from exc
-        q = nncf.quantize(model, nncf.Dataset([{input_name: t[None]} for t in tiles]), subset_size=len(tiles),
-                          preset=nncf.QuantizationPreset.MIXED, ignored_scope=nncf.IgnoredScope(names=keep))
+        from .sigstack import kept_signal_stack
+
+        with kept_signal_stack():  # NNCF may load OpenVINO's CPU plugin, which swaps the thread's signal stack
+            q = nncf.quantize(model, nncf.Dataset([{input_name: t[None]} for t in tiles]), subset_size=len(tiles),
+                              preset=nncf.QuantizationPreset.MIXED, ignored_scope=nncf.IgnoredScope(names=keep))
         desc = f"NNCF {nncf.__version__} post-training quantisation (QDQ), mixed preset"
     else:
         import onnx

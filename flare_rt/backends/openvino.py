@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, ConfigError
 from ..onnx_graph import flatten_instance_norm, to_fp32
 from ..precision import COMPUTE
+from ..sigstack import kept_signal_stack
 from .base import Backend, BackendOptions
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ def _ov():
 
 def cpu_has_bf16(core=None) -> bool:
     """Whether OpenVINO's CPU plugin has bf16 kernels here (AVX512_BF16 or AMX)."""
-    core = core or _ov().Core()
-    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    with kept_signal_stack():  # loading the CPU plugin swaps this thread's signal stack (flare_rt.sigstack)
+        core = core or _ov().Core()
+        return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def compute_precision(bundle_precision: str, asked: str | None, has_bf16: bool) -> tuple[str, str | None]:
@@ -73,7 +75,7 @@ class OpenVinoBackend(Backend):
         self._ov = ov
         self._core = ov.Core()
         self.compute, note = compute_precision(bundle.meta.precision, options.precision,
-                                               cpu_has_bf16(self._core))
+                                               cpu_has_bf16(self._core))  # loads the CPU plugin
         if note:
             log.info("%s", note)
         model = to_fp32(bundle.load_onnx())
@@ -92,11 +94,13 @@ class OpenVinoBackend(Backend):
         if req is None:
             model = self._model.clone()
             model.reshape([batch, int(self._model.inputs[0].partial_shape[1].get_length()), *self._patch])
-            compiled = self._core.compile_model(model, "CPU", self._config)
+            with kept_signal_stack():  # see flare_rt.sigstack: OpenVINO swaps this thread's signal stack
+                compiled = self._core.compile_model(model, "CPU", self._config)
+                req = compiled.create_infer_request()
             got, want = compiled.get_property("INFERENCE_PRECISION_HINT"), getattr(self._ov.Type, HINTS[self.compute])
             if got != want:
                 raise BackendUnavailableError(f"OpenVINO compiled the network in {got}, not the {want} asked for")
-            req = self._requests[batch] = compiled.create_infer_request()
+            self._requests[batch] = req
         return req
 
     @property
@@ -107,7 +111,8 @@ class OpenVinoBackend(Backend):
     def __call__(self, batch):
         x = np.ascontiguousarray(batch, dtype=np.float32)
         req = self._request(len(x))
-        out = req.infer({0: x}, share_inputs=True)
+        with kept_signal_stack():
+            out = req.infer({0: x}, share_inputs=True)
         return np.array(out[0], dtype=np.float32, copy=True)  # the request's buffer is reused by the next call
 
     def describe(self) -> str:
@@ -115,5 +120,6 @@ class OpenVinoBackend(Backend):
         return f"openvino {self._ov.__version__.split('-')[0]} on cpu ({self.compute}, {threads} threads)"
 
     def close(self) -> None:
-        self._requests.clear()
-        self._model = None
+        with kept_signal_stack():
+            self._requests.clear()
+            self._model = None
