@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.command import register as register_train  # imports torch lazily, on use
 
     register_train(sub)
+    from .stages.command import register as register_pipeline; register_pipeline(sub)  # noqa: E702
     return p
 
 

@@ -38,3 +38,10 @@ NAMES: dict[int, str] = {lab.id: lab.name for lab in FLARE23_LABELS}
 NSD_TOLERANCE_MM: dict[int, float] = {
     lab.id: lab.nsd_tolerance_mm for lab in FLARE23_LABELS if lab.nsd_tolerance_mm is not None
 }
+
+#: Per-voxel "ignore" label of training label maps (e.g. low-confidence pseudo-labels): not background,
+#: not a class; it carries no loss, is never sampled as foreground and is never scored.
+IGNORE_ID = 255
+#: Classes that swap when the patient's left-right axis is mirrored: (right kidney, left kidney),
+#: (right adrenal, left adrenal).
+LATERAL_PAIRS: tuple[tuple[int, int], ...] = ((2, 13), (7, 8))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
+from .confidence import ConfidenceRows
 from .errors import ConfigError
 from .io import Volume, load_volume, write_labels, write_probabilities
 from .orientation import plan_reorientation
@@ -70,6 +71,7 @@ class SegmentOptions:
     force: bool = False  # segment images whose intensities do not look like CT
     series_uid: str | None = None
     fast: FastOptions = field(default_factory=FastOptions)
+    confidence: bool = False  # also return the winning class's softmax probability as uint8 (Prediction.confidence)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -87,6 +89,7 @@ class Prediction:
     timings: dict[str, float]
     tiles: int
     network_shape: tuple[int, int, int]
+    confidence: np.ndarray | None = None  # (z, y, x) uint8, round(255 * max softmax), when asked
 
 
 class _Timer:
@@ -152,12 +155,14 @@ class Segmenter:
             blocks = sliding_window_blocks(data, network, meta.num_classes, self.window, keep_tile=keep,
                                            progress=bar.update)
             back = make_plan(net_shape, crop.shape_after, meta.spacing, spacing, meta.resampling, probabilities=True)
-            refined = (fast and opts.fast.label_upsampling and not opts.save_probabilities
+            refined = (fast and opts.fast.label_upsampling and not opts.save_probabilities and not opts.confidence
                        and back.separate_axis == 0 and back.order == 1 and back.order_z == 0)
+            conf_rows = ConfidenceRows(back.out_shape) if opts.confidence else None
             if refined:
                 labels, probs = labels_refined(blocks, back), None
             else:
-                labels, probs = labels_faithful(blocks, back, meta.num_classes, opts.save_probabilities)
+                labels, probs = labels_faithful(blocks, back, meta.num_classes, opts.save_probabilities,
+                                                on_plane=conf_rows)
         timer.t["network"] = net_time[0]
         timer.t["window+export"] -= net_time[0]
         with timer("export"):
@@ -167,8 +172,12 @@ class Segmenter:
                 full = paste(probs, crop)
                 full[0][labels_mask_outside(crop)] = 1  # certain background outside the crop, as nnU-Net
                 probs = np.stack([reo.invert(p.transpose(meta.transpose_backward)) for p in full])
+            conf = None
+            if conf_rows is not None:  # certain background outside the crop, as the probabilities
+                conf = np.ascontiguousarray(reo.invert(paste(conf_rows.array, crop, fill=255)
+                                                       .transpose(meta.transpose_backward)))
         timer.t["blend+resample"] = timer.t.pop("window+export")
-        return Prediction(np.ascontiguousarray(labels), probs, dict(timer.t), n_tiles[0], tuple(net_shape))
+        return Prediction(np.ascontiguousarray(labels), probs, dict(timer.t), n_tiles[0], tuple(net_shape), conf)
 
     def _tile_filter(self, cropped: np.ndarray, net_shape):
         """Fast mode: keep only tiles that contain body voxels (above the HU threshold)."""

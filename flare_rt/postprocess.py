@@ -27,9 +27,10 @@ def _argmax_labels(planes):
 
 
 def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want_probabilities: bool = False,
-                    compute_dtype=np.float32):
+                    compute_dtype=np.float32, on_plane=None):
     """Consume ``(z0, z1, logits_block)`` in row order; return uint8 labels of ``plan.out_shape``
-    (and float16 probabilities if asked)."""
+    (and float16 probabilities if asked). ``on_plane(row, logits)``, if given, sees the resampled
+    (K, Y, X) logits of every output row (e.g. :class:`flare_rt.confidence.ConfidenceRows`)."""
     out_shape = plan.out_shape
     labels = None
     probs = None
@@ -43,11 +44,12 @@ def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want
             full[:, z0:z1] = blk
         xp = array_module(full)
         best = best_idx = None
+        keep = want_probabilities or on_plane is not None
         for c in range(num_classes):
             r = resample(full[c:c + 1], plan, out_dtype=np.float32, compute_dtype=compute_dtype)[0]
-            if probs is None and want_probabilities:
+            if probs is None and keep:
                 probs = xp.empty((num_classes, *out_shape), dtype=np.float32)
-            if want_probabilities:
+            if keep:
                 probs[c] = r
             if best is None:
                 best, best_idx = r, xp.zeros(out_shape, dtype=np.uint8)
@@ -55,8 +57,10 @@ def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want
                 better = r > best
                 best = xp.where(better, r, best)
                 best_idx[better] = c
-        if want_probabilities:
-            probs = softmax(probs).astype(np.float16)
+        if on_plane is not None:
+            for k in range(out_shape[0]):
+                on_plane(k, probs[:, k])
+        probs = softmax(probs).astype(np.float16) if want_probabilities else None
         return best_idx, probs
     idx = z_source_index(plan.in_shape[0], out_shape[0]) if plan.in_shape[0] != out_shape[0] \
         else np.arange(out_shape[0])
@@ -76,6 +80,8 @@ def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want
                                                   plan.order, np.float32) for c in range(num_classes)])
                 last_src, last = s, planes
             labels[k] = _argmax_labels(last)
+            if on_plane is not None:
+                on_plane(k, last)
             if want_probabilities:
                 probs[:, k] = softmax(last).astype(np.float16)
     return labels, probs

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..laterality import common_lr_axis, lr_axis
 from .cache import CacheSpec, build_cache, unpack
 from .config import TrainConfig
 from .dataset import DatasetIndex, build_index, load_index, read_annotations, save_index, split_cases
@@ -25,8 +26,14 @@ class Prepared:
     cache_dir: Path
     spec: CacheSpec
 
-    def cases(self, ids) -> list[tuple[str, tuple[int, ...]]]:
-        return [(i, self.index.case(i).annotated) for i in ids]
+    def cases(self, ids) -> list[tuple[str, tuple[int, ...], int]]:
+        """``(id, annotated classes, left-right array axis)`` of each case, as the sampler takes them."""
+        return [(i, self.index.case(i).annotated, lr_axis(self.index.case(i).direction, self.spec.orientation))
+                for i in ids]
+
+    def lr_axis(self) -> int | None:
+        """The left-right array axis of the training cases, or None where they disagree."""
+        return common_lr_axis([c[2] for c in self.cases(self.train_ids)])
 
 
 def index_path(config: TrainConfig) -> Path:

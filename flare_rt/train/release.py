@@ -21,8 +21,11 @@ log = logging.getLogger(__name__)
 BUNDLE_NAME = "model.onnx"
 
 
-def bundle_meta(config: TrainConfig, fingerprint: Fingerprint, n_train: int) -> BundleMeta:
-    """Metadata from the config (network, spacing, patch, TTA default) and the fingerprint (normalisation)."""
+def bundle_meta(config: TrainConfig, fingerprint: Fingerprint, n_train: int, lr_axis: int | None = None) -> BundleMeta:
+    """Metadata from the config (network, spacing, patch, TTA default) and the fingerprint (normalisation).
+
+    ``lr_axis``: the training cases' left-right array axis. Test-time mirroring leaves it out: the network
+    learnt that a mirrored right kidney is a left one, so averaging over that flip would mix the sides."""
     m = config.model
     arch = json.loads(json.dumps(m.unet(len(NAMES), deep_supervision=False).to_dict()))
     s = config.schedule
@@ -34,7 +37,7 @@ def bundle_meta(config: TrainConfig, fingerprint: Fingerprint, n_train: int) -> 
         normalization=fingerprint.normalization(),
         architecture=arch,
         tile_step=0.5,
-        mirror_axes=(0, 1, 2),
+        mirror_axes=tuple(a for a in (0, 1, 2) if a != lr_axis),
         tta=m.tta,
         orientation=m.orientation,
         transpose_forward=(0, 1, 2),
