@@ -59,8 +59,9 @@ def markdown(work: Path) -> str:
         lines += [definition["description"], ""]
     lines += [f"- dataset: `{run.get('dataset', '?')}`",
               f"- held out: {', '.join(run.get('hold_out') or []) or 'none'}",
-              f"- started {run.get('started', '?')}, finished {run.get('finished', '(running)')}"
-              + (f", {_minutes(run['seconds'])} in all" if run.get("seconds") is not None else "")]
+              f"- started {run.get('started', '?')}, finished {run.get('finished', '(running)')}; stages "
+              f"{_minutes(sum((s.get('pseudo_seconds') or 0) + (s.get('train_seconds') or 0) for s in states))} "
+              "(pseudo-labelling and training)"]
     if run.get("final_stage"):
         lines.append(f"- model: the {run['final_stage']} model, `model.onnx` (sha256 {run['model_sha256'][:16]}…)")
     lines += ["", "## Case sets", "", "| case set | rule | cases |", "|---|---|---|"]
@@ -93,9 +94,10 @@ def markdown(work: Path) -> str:
     pseudo_lines = []
     for s in states:
         for case, p in (s.get("pseudo_labelled") or {}).items():
-            names = ", ".join(NAMES[k] for k in p["classes"]) or "none"
+            names = ", ".join(NAMES[k] for k in p["classes"]) or "nothing"
+            asked = f" (asked for {len(p['asked'])} classes)" if "asked" in p else ""
             ignored = f"; {p['ignored']} voxels ignored (low confidence)" if p.get("ignored") else ""
-            pseudo_lines.append(f"- {s['stage']}: {case} <- the {p['from']} model filled {names}{ignored} "
+            pseudo_lines.append(f"- {s['stage']}: {case} <- the {p['from']} model filled {names}{asked}{ignored} "
                                 f"(provenance: `{_relative(p['sidecar'], work)}`)")
     lines += pseudo_lines or ["none"]
     lines += ["", "![times and validation Dice](report.png)", ""]

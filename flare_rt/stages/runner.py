@@ -151,7 +151,7 @@ def dataset_index(definition: PipelineDefinition, dataset: Path, work: Path, has
     else:
         layout, sources = discover(dataset, spec.images, spec.labels, spec.unlabelled)
         declared = dict(read_annotations(dataset / spec.annotations)) if spec.annotations else {}
-    key = digest({"spec": [(s.id, hashes(s.image), hashes(s.label)) for s in sources],
+    key = digest({"spec": [(s.id, s.image, hashes(s.image), s.label, hashes(s.label)) for s in sources],
                   "declared": {k: list(v) for k, v in declared.items()}, "layout": layout})
     path, stamp = inputs / "index.json", inputs / "index.key"
     if path.is_file() and stamp.is_file() and stamp.read_text() == key:
@@ -200,9 +200,16 @@ class PipelineRun:
     def run(self) -> dict[str, Any]:
         t0 = time.time()
         write_json(self.work / "definition.json", self.definition.to_dict())
-        summary = {"definition": self.definition.name, "dataset": str(self.dataset.resolve()),
+        summary = {"definition": self.definition.name, "dataset": str(self.dataset),
                    "hold_out": list(self.options.hold_out), "case_sets": {k: list(v) for k, v in self.sets.items()},
                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:  # a continued run keeps its first start
+            before = json.loads((self.work / "run.json").read_text())
+            if {k: before.get(k) for k in ("definition", "dataset", "hold_out")} == \
+                    {k: summary[k] for k in ("definition", "dataset", "hold_out")}:
+                summary["started"] = before.get("started", summary["started"])
+        except (OSError, json.JSONDecodeError):
+            pass
         write_json(self.work / "run.json", summary)
         from .report import write_report
 
@@ -216,7 +223,7 @@ class PipelineRun:
             raise ConfigError(f"pipeline {self.definition.name!r}: every stage was skipped; nothing was trained")
         final = self.models[self.ran[-1]]
         shutil.copyfile(final.bundle, self.work / "model.onnx")
-        summary.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=round(time.time() - t0, 1),
+        summary.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), seconds_this_call=round(time.time() - t0, 1),
                        final_stage=final.stage, model=str(self.work / "model.onnx"), model_sha256=final.sha256)
         write_json(self.work / "run.json", summary)
         write_report(self.work)
@@ -262,7 +269,7 @@ def plan_jobs(run: PipelineRun, stage: StageDef, labels: dict[str, CaseLabel]) -
         setting = {"model": model.sha256, "mode": step.mode, "tta": step.tta,
                    "threshold": step.confidence_threshold}
         jobs = []
-        for case in stage_cases(stage, run.sets, step.cases):
+        for case in stage_cases(run.sets, step.cases):
             cur = labels[case]
             fill = classes_to_fill(cur.annotated, step.classes or ALL_CLASSES, model.classes)
             if not fill:
@@ -272,9 +279,10 @@ def plan_jobs(run: PipelineRun, stage: StageDef, labels: dict[str, CaseLabel]) -
             entry = run.index.case(case)
             key = digest({**setting, "image": run.images[case], "annotation": cur.identity,
                           "annotated": list(cur.annotated), "fill": list(fill), "step": k})
+            name = case if len(stage.pseudo_label) == 1 else f"{case}.step{k + 1}"  # steps chain per case
             jobs.append(LabelJob(case, entry.image, run.images[case], cur.label, cur.identity, cur.annotated, fill,
-                                 str(out_dir / "labels" / f"{case}.nii.gz"), str(out_dir / "labels" / f"{case}.json"),
-                                 str(out_dir / "confidence" / f"{case}.nii.gz") if step.confidence_threshold else None,
+                                 str(out_dir / "labels" / f"{name}.nii.gz"), str(out_dir / "labels" / f"{name}.json"),
+                                 str(out_dir / "confidence" / f"{name}.nii.gz") if step.confidence_threshold else None,
                                  key))
             labels[case] = CaseLabel(jobs[-1].out_label, f"job:{key}",
                                      tuple(sorted(set(cur.annotated) | set(fill) | {0})), stage.name)
@@ -297,7 +305,7 @@ def run_stage(run: PipelineRun, stage: StageDef) -> None:
     steps, reason = plan_jobs(run, stage, labels)
     if reason and _cannot(run, stage, reason, state):
         return
-    train_ids = stage_cases(stage, run.sets, stage.train)
+    train_ids = stage_cases(run.sets, stage.train)
     unlabelled = [i for i in train_ids if labels[i].label is None]
     if unlabelled:
         raise ConfigError(f"stage {stage.name!r} trains on unlabelled cases {unlabelled[:5]} that no pseudo-label "
@@ -349,7 +357,8 @@ def run_stage(run: PipelineRun, stage: StageDef) -> None:
         status="done", finished=time.strftime("%Y-%m-%d %H:%M:%S"),
         train_cases=list(prepared.train_ids), val_cases=list(prepared.val_ids),
         validation_on_training_cases=set(prepared.val_ids) <= set(prepared.train_ids),
-        pseudo_labelled={c: {"from": m["model"]["stage"], "classes": m["pseudo_labelled"]["classes"],
+        pseudo_labelled={c: {"from": m["model"]["stage"], "asked": m["pseudo_labelled"]["classes"],
+                             "classes": [int(k) for k, n in m["pseudo_labelled"]["voxels"].items() if n],
                              "ignored": m["ignored"]["voxels"], "sidecar": str(Path(m["label"]).with_suffix("")
                                                                                    .with_suffix(".json"))}
                          for c, m in pseudo.items()},

@@ -38,7 +38,7 @@ def select_case_sets(definition: PipelineDefinition, index: DatasetIndex) -> dic
     return out
 
 
-def stage_cases(stage: StageDef, sets: Mapping[str, Sequence[str]], names: Sequence[str]) -> tuple[str, ...]:
+def stage_cases(sets: Mapping[str, Sequence[str]], names: Sequence[str]) -> tuple[str, ...]:
     """The union of the named case sets, without repeats, in order."""
     return tuple(dict.fromkeys(i for n in names for i in sets[n]))
 
@@ -50,7 +50,7 @@ def empty_sets_reason(definition: PipelineDefinition, stage: StageDef,
     groups = [("training set", stage.train)] + [(f"pseudo-label step {k + 1} ({step.model})", step.cases)
                                                 for k, step in enumerate(stage.pseudo_label)]
     for what, names in groups:
-        if not stage_cases(stage, sets, names):
+        if not stage_cases(sets, names):
             rules = "; ".join(definition.case_set(n).describe() for n in names)
             return (f"stage {stage.name!r}: its {what} is empty: case set(s) {rules} select none of the "
                     f"{n_cases} cases")

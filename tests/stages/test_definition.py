@@ -31,7 +31,7 @@ def test_the_packaged_definitions_are_the_papers_five_stages(tmp_path):
     assert {c.id: c.annotated for c in demo.dataset.cases}["ts_sm"] == tuple(ORGANS)
     cfg = stage_config(demo, demo.stage("stage5"), tmp_path / "i.json", tmp_path / "o",
                        run_overrides={"runtime.threads": 2})
-    assert cfg.model.orientation == "LPS" and cfg.optim.lr == 0.1 and cfg.schedule.iterations_per_epoch == 20
+    assert cfg.model.orientation == "LPS" and cfg.optim.lr == 0.05 and cfg.schedule.iterations_per_epoch == 20
     assert cfg.runtime.threads == 2 and cfg.data.index == str(tmp_path / "i.json")
 
 
