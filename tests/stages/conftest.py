@@ -1,31 +1,24 @@
-"""Fixtures of the pipeline tests: one torch thread, and a generated FLARE23-layout dataset with fully,
-partially and un-labelled cases."""
+"""Fixtures of the pipeline tests: the training tests' one-thread setting, and a generated FLARE23-layout
+dataset with fully, partially and un-labelled cases."""
 from __future__ import annotations
 
-import os
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))  # the generated-case helpers
+pytest.importorskip("torch")
+TRAIN_TESTS = Path(__file__).resolve().parents[1] / "train"
+sys.path.insert(0, str(TRAIN_TESTS))  # the generated-case helpers
 
 from synthetic import flare_dataset  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(before)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
+_spec = importlib.util.spec_from_file_location("_train_test_fixtures", TRAIN_TESTS / "conftest.py")
+_train_fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_train_fixtures)
+_one_thread = _train_fixtures._one_thread  # autouse: one torch thread, as in the training tests
 
 
 @pytest.fixture(scope="session")
