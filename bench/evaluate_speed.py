@@ -41,6 +41,7 @@ from flare_rt.evaluate.reference import (  # noqa: E402
     reference_surface_dice,
 )
 from flare_rt.labels import NSD_TOLERANCE_MM, ZRANGE_CUT_IDS  # noqa: E402
+from flare_rt.devices import cpu_name  # noqa: E402
 
 log = logging.getLogger("bench.evaluate_speed")
 
@@ -150,16 +151,6 @@ def timed(fns: dict[str, Callable], repeats: int) -> tuple[dict[str, float], dic
             results[name] = fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}, results
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flare_rt.devices import cpu_name
+
 log = logging.getLogger("bench.measure")
 
 SAMPLE_INTERVAL_S = 0.05
@@ -71,16 +73,39 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_monitored(cmd: list[str], log_prefix: Path, env: dict | None = None, cwd: str | Path | None = None,
-                  timeout_s: float = 3600.0, interval_s: float = SAMPLE_INTERVAL_S) -> RunResult:
+                  timeout_s: float = 3600.0, interval_s: float = SAMPLE_INTERVAL_S, gpu_sampler=None) -> RunResult:
     """Run ``cmd`` in its own session; sample the tree's RSS until it exits; stdout/stderr to files.
 
     The process is reaped with ``os.wait4`` in a waiter thread, so the wall time ends at the exit
-    (not at the next sample) and the kernel's rusage of the whole reaped tree comes back too."""
+    (not at the next sample) and the kernel's rusage of the whole reaped tree comes back too.
+    ``gpu_sampler`` (a :class:`gpu_memory.GpuMemorySampler`) is started before the launch (taking the
+    idle reading) and stopped after the exit; its trace goes to ``extra["gpu_memory"]``. An interrupt
+    (Ctrl-C, SIGTERM turned into KeyboardInterrupt) kills the process group before it propagates."""
     import psutil
 
     out_path, err_path = log_prefix.with_suffix(".out"), log_prefix.with_suffix(".err")
     res = RunResult(cmd=[str(c) for c in cmd])
+    if gpu_sampler is not None:
+        gpu_sampler.start()
+    try:
+        _run(res, psutil, out_path, err_path, env, cwd, timeout_s, interval_s)
+    finally:
+        if gpu_sampler is not None:
+            res.extra["gpu_memory"] = gpu_sampler.stop().to_json()
+    if not res.ok:
+        res.stderr_tail = _tail(err_path) or _tail(out_path)
+    return res
+
+
+def _run(res: RunResult, psutil, out_path: Path, err_path: Path, env, cwd, timeout_s: float, interval_s: float):
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(res.cmd, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
@@ -97,22 +122,24 @@ def run_monitored(cmd: list[str], log_prefix: Path, env: dict | None = None, cwd
             ps = psutil.Process(proc.pid)
         except psutil.NoSuchProcess:
             ps = None
-        while not done.is_set():
-            if ps is not None:
-                rss, n = _tree_rss(ps)
-                res.peak_rss_bytes = max(res.peak_rss_bytes, rss)
-                res.max_processes = max(res.max_processes, n)
-                res.n_samples += 1
-            if time.perf_counter() - t0 > timeout_s:
-                res.timed_out = True
-                log.error("timeout after %.0fs: killing process group %d", timeout_s, proc.pid)
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                done.wait(30)
-                break
-            done.wait(interval_s)
+        try:
+            while not done.is_set():
+                if ps is not None:
+                    rss, n = _tree_rss(ps)
+                    res.peak_rss_bytes = max(res.peak_rss_bytes, rss)
+                    res.max_processes = max(res.max_processes, n)
+                    res.n_samples += 1
+                if time.perf_counter() - t0 > timeout_s:
+                    res.timed_out = True
+                    log.error("timeout after %.0fs: killing process group %d", timeout_s, proc.pid)
+                    _kill_group(proc.pid)
+                    done.wait(30)
+                    break
+                done.wait(interval_s)
+        except BaseException:
+            _kill_group(proc.pid)
+            done.wait(30)
+            raise
     if "status" in waited:
         res.returncode = os.waitstatus_to_exitcode(waited["status"])
         proc.returncode = res.returncode  # reaped here; keep Popen from waiting again
@@ -120,16 +147,27 @@ def run_monitored(cmd: list[str], log_prefix: Path, env: dict | None = None, cwd
         u = waited["usage"]
         res.ru_maxrss_bytes = u.ru_maxrss * 1024  # Linux: KiB
         res.cpu_s = u.ru_utime + u.ru_stime
-    if not res.ok:
-        res.stderr_tail = _tail(err_path) or _tail(out_path)
-    return res
 
 
 # -- agreement between label maps ---------------------------------------------------------------------------
-def read_labels(path: Path) -> np.ndarray:
-    import SimpleITK as sitk
+def read_zyx(path: Path, scaled: bool = True) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A 3D NIfTI image as a (z, y, x) array (SimpleITK's order) and its (z, y, x) spacing, read with nibabel
+    (no SimpleITK needed). ``scaled=False`` refuses images with intensity scaling (label maps)."""
+    import nibabel as nib
 
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    img = nib.load(str(path))
+    if len(img.shape) != 3:
+        raise ValueError(f"{path}: expected a 3D image, got shape {img.shape}")
+    if not scaled and (img.dataobj.slope not in (1, None) or img.dataobj.inter not in (0, None)):
+        raise ValueError(f"{path}: label map with intensity scaling (slope {img.dataobj.slope}, "
+                         f"intercept {img.dataobj.inter})")
+    spacing = tuple(float(s) for s in img.header.get_zooms()[:3][::-1])
+    return np.ascontiguousarray(np.asarray(img.dataobj).T), spacing  # type: ignore[return-value]
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """A label map as a (z, y, x) array."""
+    return read_zyx(path, scaled=False)[0]
 
 
 def labels_digest(path: Path) -> str:
@@ -138,36 +176,16 @@ def labels_digest(path: Path) -> str:
 
 
 def agreement(ref: np.ndarray, test: np.ndarray, names: dict[int, str], min_voxels: int = 1000) -> dict:
-    """Per-class Dice (foreground classes with >= ``min_voxels`` voxels in either map), the minimum of
-    those, and overall voxel agreement (fraction of voxels with the same label)."""
-    if ref.shape != test.shape:
-        return {"error": f"shape mismatch: reference {ref.shape}, test {test.shape}"}
-    k = int(max(ref.max(initial=0), test.max(initial=0))) + 1
-    conf = np.bincount(ref.ravel().astype(np.int32) * k + test.ravel().astype(np.int32),
-                       minlength=k * k).reshape(k, k)
-    n_ref, n_test = conf.sum(1), conf.sum(0)
-    dice = {}
-    for c in range(1, k):
-        if max(n_ref[c], n_test[c]) >= min_voxels:
-            dice[names.get(c, str(c))] = float(2 * conf[c, c] / (n_ref[c] + n_test[c]))
-    worst = min(dice, key=dice.get) if dice else None
-    return {"dice": dice, "min_dice": dice[worst] if worst else None, "min_dice_class": worst,
-            "voxel_agreement": float(np.trace(conf) / conf.sum()), "min_voxels": min_voxels,
-            "voxels_ref": {names.get(c, str(c)): int(n_ref[c]) for c in range(1, k) if n_ref[c]},
-            "voxels_test": {names.get(c, str(c)): int(n_test[c]) for c in range(1, k) if n_test[c]}}
+    """:func:`flare_rt.agreement.label_agreement`, with a shape mismatch reported as ``{"error": ...}``."""
+    from flare_rt.agreement import label_agreement
+
+    try:
+        return label_agreement(ref, test, names, min_voxels)
+    except ValueError as exc:
+        return {"error": str(exc)}
 
 
 # -- machine and software ------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -198,11 +216,12 @@ def machine_info(repo: Path) -> dict:
     import psutil
 
     vm = psutil.virtual_memory()
-    versions = {d: _version(d) for d in ("torch", "onnxruntime", "nnunetv2", "numpy", "SimpleITK", "scipy", "psutil")}
+    versions = {d: _version(d) for d in ("torch", "onnxruntime", "nnunetv2", "numpy", "SimpleITK", "nibabel", "scipy",
+                                          "psutil", "cupy-cuda13x", "cupy-cuda12x", "nvidia-ml-py")}
     versions["flare-rt"] = _flare_rt_version(repo)
     dirty = _git(repo, "status", "--porcelain", "--", "flare_rt")
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_name(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -15,6 +15,17 @@
 ``--mode files`` runs plain ``predictor.predict_from_files`` (spawned preprocessing and export
 workers, 1 each) as a check that the staged run costs about the same.
 
+``--device cuda`` runs the predictor on the GPU as nnU-Net does by default there
+(``perform_everything_on_device=True``: the sliding window and its accumulator on the device, the
+logits then brought back for the CPU export); the network time is then measured with a
+``torch.cuda.synchronize()`` after each forward (the only change: it takes away a little overlap of
+CPU launch and GPU work).
+
+``--io nibabel`` reads and writes with nnU-Net's ``NibabelIO`` instead of the plans' ``SimpleITKIO``
+(``auto``, the default: SimpleITK when it is installed). nnU-Net imports SimpleITK at module level in
+modules the predictor needs but calls it only through ``SimpleITKIO``; where SimpleITK is absent (the
+GPU test machine: its wheel is 53 MB) a stand-in module is installed whose every use fails loudly.
+
 Writes a JSON report (timings, tiles, shapes) like ``flare-rt segment --report``.
 """
 from __future__ import annotations
@@ -27,7 +38,46 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
+from importlib.machinery import ModuleSpec  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+IO_CLASSES = {"simpleitk": "SimpleITKIO", "nibabel": "NibabelIO"}
+
+
+class StandInUsed(AttributeError):
+    """SimpleITK was used although only a stand-in is installed."""
+
+
+def install_simpleitk_stand_in() -> bool:
+    """Put a stand-in ``SimpleITK`` into ``sys.modules`` when the real one cannot be imported (True then).
+
+    Attribute lookups on it raise :class:`StandInUsed` (an AttributeError, so ``hasattr`` probes of
+    module scanners still work) naming the fix."""
+    try:
+        import SimpleITK  # noqa: F401
+        return False
+    except ImportError:
+        pass
+    mod = types.ModuleType("SimpleITK", "stand-in: SimpleITK is not installed (bench/nnunet_peer.py)")
+    mod.__spec__ = ModuleSpec("SimpleITK", None)
+
+    def __getattr__(name: str):
+        raise StandInUsed(f"SimpleITK.{name} was used but SimpleITK is not installed (only a stand-in module is): "
+                          "run the nnU-Net peer with --io nibabel, or pip install SimpleITK")
+
+    mod.__getattr__ = __getattr__
+    sys.modules["SimpleITK"] = mod
+    return True
+
+
+def pick_io(choice: str, simpleitk_installed: bool) -> str:
+    """nnU-Net reader/writer class name for ``--io``: ``auto`` keeps SimpleITK where it is installed."""
+    if choice == "auto":
+        choice = "simpleitk" if simpleitk_installed else "nibabel"
+    if choice == "simpleitk" and not simpleitk_installed:
+        raise SystemExit("nnU-Net peer: --io simpleitk but SimpleITK is not installed; use --io nibabel or auto")
+    return IO_CLASSES[choice]
 
 
 def _env(threads: int) -> None:
@@ -38,15 +88,20 @@ def _env(threads: int) -> None:
         os.environ.setdefault(key, "/tmp/nnunet_unused")
 
 
-def make_predictor(model_dir: str, fold: str, checkpoint: str, step: float, threads: int):
+def make_predictor(model_dir: str, fold: str, checkpoint: str, step: float, threads: int, device: str = "cpu",
+                   io: str = "SimpleITKIO"):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("nnU-Net peer: --device cuda but torch sees no CUDA device")
     torch.set_num_threads(threads)
     predictor = nnUNetPredictor(tile_step_size=step, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=False, device=torch.device("cpu"),
+                                perform_everything_on_device=device == "cuda", device=torch.device(device),
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(model_dir, use_folds=(fold,), checkpoint_name=checkpoint)
+    # the reader/writer the predictor (and its data iterator) uses comes from the plans
+    predictor.plans_manager.plans["image_reader_writer"] = io
     return predictor
 
 
@@ -57,7 +112,10 @@ def run_staged(args, timings: dict) -> dict:
 
     timings["import"] = time.perf_counter() - T_START
     t = time.perf_counter()
-    predictor = make_predictor(args.model_dir, args.fold, args.checkpoint, args.step, args.threads)
+    predictor = make_predictor(args.model_dir, args.fold, args.checkpoint, args.step, args.threads, args.device,
+                               args.io_class)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     timings["model_load"] = time.perf_counter() - t
 
     pm, cm = predictor.plans_manager, predictor.configuration_manager
@@ -78,10 +136,13 @@ def run_staged(args, timings: dict) -> dict:
     tiles = len(predictor._internal_get_sliding_window_slicers(tuple(padded)))
     net_time = [0.0]
     forward = predictor._internal_maybe_mirror_and_predict
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def timed_forward(x):
+        sync()
         t0 = time.perf_counter()
         out = forward(x)
+        sync()
         net_time[0] += time.perf_counter() - t0
         return out
 
@@ -108,7 +169,8 @@ def run_staged(args, timings: dict) -> dict:
 def run_files(args, timings: dict) -> dict:
     timings["import"] = time.perf_counter() - T_START
     t = time.perf_counter()
-    predictor = make_predictor(args.model_dir, args.fold, args.checkpoint, args.step, args.threads)
+    predictor = make_predictor(args.model_dir, args.fold, args.checkpoint, args.step, args.threads, args.device,
+                               args.io_class)
     timings["model_load"] = time.perf_counter() - t
     ending = predictor.dataset_json["file_ending"]
     out = Path(args.output)
@@ -132,16 +194,26 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mode", choices=["staged", "files"], default="staged")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--io", choices=["auto", *IO_CLASSES], default="auto",
+                   help="nnU-Net reader/writer: SimpleITKIO (the plans'), NibabelIO, or auto (SimpleITK if installed)")
     p.add_argument("--report", required=True)
     args = p.parse_args(argv)
     _env(args.threads)
+    stand_in = install_simpleitk_stand_in()
+    args.io_class = pick_io(args.io, simpleitk_installed=not stand_in)
     timings: dict[str, float] = {}
     extra = (run_staged if args.mode == "staged" else run_files)(args, timings)
     import nnunetv2
     import torch
 
-    report = {"input": args.input, "output": args.output, "mode": f"nnunet-{args.mode}",
-              "backend": f"torch {torch.__version__} cpu, {torch.get_num_threads()} threads",
+    if args.device == "cuda":
+        backend = (f"torch {torch.__version__} cuda ({torch.cuda.get_device_name()}), perform_everything_on_device, "
+                   f"{torch.get_num_threads()} CPU threads")
+    else:
+        backend = f"torch {torch.__version__} cpu, {torch.get_num_threads()} threads"
+    report = {"input": args.input, "output": args.output, "mode": f"nnunet-{args.mode}", "backend": backend,
+              "device": args.device, "io": args.io_class, "simpleitk_stand_in": stand_in,
               "nnunetv2": getattr(nnunetv2, "__version__", None), "timings_s": timings,
               "total_s": time.perf_counter() - T_START, **extra}
     Path(args.report).write_text(json.dumps(report, indent=1))

@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,21 +42,12 @@ from flare_rt.train.loss import segmentation_loss  # noqa: E402
 from flare_rt.train.model import init_network  # noqa: E402
 from flare_rt.train.prepare import prepare  # noqa: E402
 from flare_rt.resources import shared_data_dir  # noqa: E402
+from flare_rt.devices import cpu_name  # noqa: E402
 from flare_rt.train.sampling import make_loader  # noqa: E402
 
 log = logging.getLogger("train_throughput")
 DATA = shared_data_dir()
 STAGES = ("data", "copy", "augment", "forward", "backward")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:

@@ -15,10 +15,16 @@ from typing import Any
 
 from .atomic import atomic_path
 from .errors import ModelError
+from .precision import PrecisionRecord
 
 METADATA_KEY = "flare_rt"
 FORMAT_VERSION = 1
+#: bf16/int8 variants (``flare-rt quantize``) carry a ``precision_record``; version 2 makes an older
+#: flare-rt say "upgrade" instead of failing on the unknown field. Plain bundles stay version 1.
+VARIANT_FORMAT_VERSION = 2
 ORIENTATIONS_NONE = "none"
+#: nnU-Net's tile step (a fraction of the patch): tiles overlap by half.
+DEFAULT_TILE_STEP = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,14 @@ class BundleMeta:
     patch_size: tuple[int, int, int]
     normalization: CTNormalization
     architecture: dict[str, Any]
-    tile_step: float = 0.5
+    tile_step: float = DEFAULT_TILE_STEP
     mirror_axes: tuple[int, ...] = ()
     tta: bool = False  # default for --tta
     orientation: str = ORIENTATIONS_NONE  # "none": stored array order (nnU-Net); else e.g. "LPS"
     transpose_forward: tuple[int, int, int] = (0, 1, 2)
     crop_nonzero: bool = True
     resampling: ResamplingRule = field(default_factory=ResamplingRule)
-    precision: str = "fp32"  # "fp32" or "fp16" (InstanceNorm kept in fp32)
+    precision: str = "fp32"  # "fp32", "fp16" (InstanceNorm kept in fp32), "bf16" or "int8" (flare-rt quantize)
     input_name: str = "image"
     output_name: str = "logits"
     weight_aliases: dict[str, str] = field(default_factory=dict)
@@ -68,6 +74,7 @@ class BundleMeta:
     source: str = ""
     producer: str = ""
     format_version: int = FORMAT_VERSION
+    precision_record: PrecisionRecord | None = None  # bf16/int8 variants: calibration and measured agreement
 
     @property
     def num_classes(self) -> int:
@@ -80,6 +87,8 @@ class BundleMeta:
     def to_json(self) -> str:
         d = asdict(self)
         d["labels"] = {str(k): v for k, v in self.labels.items()}
+        if self.precision_record is None:
+            del d["precision_record"]  # plain bundles keep the version-1 layout
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -87,14 +96,16 @@ class BundleMeta:
         try:
             d = json.loads(text)
             version = int(d.get("format_version", 0))
-            if version > FORMAT_VERSION:
+            if version > VARIANT_FORMAT_VERSION:
                 raise ModelError(f"{where}: bundle format version {version} is newer than this flare-rt "
-                                 f"supports ({FORMAT_VERSION}); upgrade flare-rt")
+                                 f"supports ({VARIANT_FORMAT_VERSION}); upgrade flare-rt")
             d["labels"] = {int(k): v for k, v in d["labels"].items()}
             d["normalization"] = CTNormalization(**d["normalization"])
             d["resampling"] = ResamplingRule(**d.get("resampling", {}))
             for key in ("spacing", "patch_size", "mirror_axes", "transpose_forward"):
                 d[key] = tuple(d[key])
+            if d.get("precision_record") is not None:
+                d["precision_record"] = PrecisionRecord.from_dict(d["precision_record"])
             return cls(**d)
         except ModelError:
             raise
@@ -178,4 +189,6 @@ def describe(meta: BundleMeta, path: Path | None = None) -> str:
     ]
     if meta.description:
         lines.append(f"about       {meta.description}")
+    if meta.precision_record is not None:
+        lines += meta.precision_record.describe()
     return "\n".join(lines)

@@ -3,33 +3,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
-from .errors import FlareError, InputImageError
+from .errors import ConfigError, FlareError, InputImageError
+from .resources import default_model
 
 log = logging.getLogger("flare_rt")
 
 
 
-def default_model() -> Path:
-    from .resources import DEFAULT_MODEL_NAME, default_model as resolve, MODEL_ENV
-
-    path = resolve()
-    if not os.environ.get(MODEL_ENV) and path.name == DEFAULT_MODEL_NAME:
-        log.warning("no --model given: using the packaged coarse DEMONSTRATION model %s (trained on one 30-slice "
-                    "scan; not accurate)", path.name)
-    return path
-
-
 # -- segment ----------------------------------------------------------------------------------------
-def _is_case_folder(path: Path) -> bool:
-    return path.is_dir() and any(path.glob("*_0000.nii.gz"))
-
-
 def _output_path(src: Path, dst: Path) -> Path:
     from .io import image_suffix
 
@@ -40,74 +26,131 @@ def _output_path(src: Path, dst: Path) -> Path:
     raise InputImageError(f"{dst}: unknown output format; end OUT with one of .nii.gz, .nii, .mha, .nrrd")
 
 
-def cmd_segment(args) -> int:
-    from tqdm import tqdm
+def segment_options(args):
+    from .pipeline import SegmentOptions, parse_fast_options
 
+    return SegmentOptions(mode=args.mode, step=args.step, tta=args.tta, batch_size=args.batch_size,
+                          probabilities=args.save_probabilities, force=args.force, series_uid=args.series,
+                          fast=parse_fast_options(args.fast_option), network_labels=bool(args.save_network_labels))
+
+
+def case_outputs(labels: Path, args, folder: bool = False):
+    """The files one case writes: labels, and statistics/preview where asked for (beside the labels,
+    or at the given path for a single case)."""
+    from .pipeline import CaseOutputs
+
+    out = CaseOutputs(labels)
+    stats = preview = None
+    if args.statistics is not None:
+        stats = out.default_statistics() if folder or args.statistics is True else Path(args.statistics)
+    if args.preview is not None:
+        preview = out.default_preview() if folder or args.preview is True else Path(args.preview)
+    return CaseOutputs(labels, stats, preview)
+
+
+def load_segmenter(args, options, progress: bool):
     from .backends import create_backend
     from .bundle import Bundle
-    from .pipeline import SegmentOptions, Segmenter, parse_fast_options
+    from .pipeline import Segmenter
 
-    src, dst = Path(args.input), Path(args.output)
-    options = SegmentOptions(mode=args.mode, step=args.step, tta=args.tta, batch_size=args.batch_size,
-                             save_probabilities=args.save_probabilities, force=args.force, series_uid=args.series,
-                             fast=parse_fast_options(args.fast_option))
-    folder = _is_case_folder(src)
-    if not src.exists():
-        raise InputImageError(f"{src}: no such file or directory")
-    if not folder:
-        dst = _output_path(src, dst)
-        if dst.resolve() == src.resolve():
-            raise InputImageError(f"{dst}: output would overwrite the input")
-        if dst.exists() and not args.overwrite:
-            raise InputImageError(f"{dst}: exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     bundle = Bundle.load(args.model or default_model())
-    backend = create_backend(bundle, args.backend, args.device, args.threads)
-    seg = Segmenter(bundle, backend, options, progress=not args.quiet and not folder)
+    if not args.model:
+        log.info("no --model given: the packaged model %s", bundle.path.name)
+    backend = create_backend(bundle, args.backend, args.device, args.threads, args.batch_size)
+    seg = Segmenter(bundle, backend, options, progress=progress)
     log.info("model %s loaded in %.2fs (%s, %s mode)", bundle.path.name, time.perf_counter() - t0,
              backend.describe(), options.mode)
-    if not folder:
-        probs = None
-        if args.save_probabilities:
-            from .io import image_suffix
+    return seg
 
-            probs = dst.with_name(dst.name[: -len(image_suffix(dst))] + ".npz")
-            if probs.exists() and not args.overwrite:
-                raise InputImageError(f"{probs}: exists; pass --overwrite to replace it")
-        pred = seg.segment_file(src, dst, probs)
-        if args.report:
-            _write_report(args.report, src, dst, pred, backend, options, time.perf_counter() - t0)
-        return 0
-    cases = sorted(src.glob("*_0000.nii.gz"))
-    dst.mkdir(parents=True, exist_ok=True)
-    if args.save_probabilities:
-        (dst / "probabilities").mkdir(exist_ok=True)
-    failures, skipped, done = [], 0, 0
-    for case in tqdm(cases, desc="segment", unit="case", disable=args.quiet):
-        name = case.name[: -len("_0000.nii.gz")]
-        out = dst / f"{name}.nii.gz"
-        if out.resolve() == case.resolve():
-            failures.append((case, "output would overwrite the input"))
-            continue
-        if out.exists() and not args.overwrite:
-            skipped += 1
-            continue
-        try:
-            probs = dst / "probabilities" / f"{name}.npz" if args.save_probabilities else None
-            seg.segment_file(case, out, probs)
-            done += 1
-        except FlareError as exc:
-            log.error("%s", exc)
-            failures.append((case, str(exc)))
-        except Exception as exc:  # keep going: one broken case must not stop the batch
-            log.exception("%s: unexpected error", case)
-            failures.append((case, f"unexpected {type(exc).__name__}: {exc}"))
-    log.info("%d segmented, %d skipped (exist; --overwrite to redo), %d failed, in %.1fs",
-             done, skipped, len(failures), time.perf_counter() - t0)
+
+def cmd_segment(args) -> int:
+    from .folder import is_case_folder
+
+    src, dst = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise InputImageError(f"{src}: no such file or directory")
+    options = segment_options(args)
+    if is_case_folder(src):
+        if args.save_network_labels:
+            raise ConfigError("--save-network-labels applies to a single image, not folder mode")
+        return segment_folder(src, dst, options, args)
+    if args.part is not None:
+        raise ConfigError(f"--part {args.part} applies to folder mode; {src} is a single image")
+    return segment_single(src, dst, options, args)
+
+
+def segment_single(src: Path, dst: Path, options, args) -> int:
+    from .pipeline import StageTimer
+
+    t0 = time.perf_counter()
+    dst = _output_path(src, dst)
+    if dst.resolve() == src.resolve():
+        raise InputImageError(f"{dst}: output would overwrite the input")
+    outputs = case_outputs(dst, args)
+    if not args.overwrite:
+        for path in outputs.files(options.probabilities):
+            if path.exists():
+                raise InputImageError(f"{path}: exists; pass --overwrite to replace it")
+    from .io import load_volume
+
+    timer = StageTimer()
+    with timer("read"):  # bad input fails before the model is loaded
+        vol = load_volume(src, options.series_uid, options.force)
+    seg = load_segmenter(args, options, progress=not args.quiet)
+    pred = seg.segment_volume(vol, outputs, timer)
+    if args.save_network_labels:
+        import numpy as np
+
+        from .atomic import atomic_path
+
+        with atomic_path(args.save_network_labels) as tmp:
+            np.savez_compressed(tmp, labels=pred.network_labels)
+    if args.report:
+        _write_report(args.report, src, dst, pred, seg.backend, options, time.perf_counter() - t0)
+    return 0
+
+
+def segment_folder(src: Path, dst: Path, options, args) -> int:
+    from tqdm import tqdm
+
+    from .folder import CaseReport, CaseStages, list_cases, parse_part, run_folder, summary_table
+    from .io import load_volume
+    from .pipeline import StageTimer
+
+    t0 = time.perf_counter()
+    cases = list_cases(src, dst, parse_part(args.part))
+    seg = load_segmenter(args, options, progress=False)
+
+    def read(case):
+        timer = StageTimer()
+        with timer("read"):
+            return load_volume(case.image, options.series_uid, options.force), timer
+
+    def compute(case, loaded):
+        vol, timer = loaded
+        return seg.predict(vol, timer)
+
+    def write(case, loaded, pred) -> CaseReport:
+        vol, timer = loaded
+        seg.write_outputs(vol, pred, case_outputs(case.output, args, folder=True), timer)
+        return CaseReport(pred.tiles, dict(timer.t))
+
+    with tqdm(total=len(cases), desc="segment", unit="case", disable=args.quiet) as bar:
+        outcomes = run_folder(cases, dst, CaseStages(read, compute, write), args.overwrite, progress=bar.update)
+    if args.statistics is not None:
+        from .statistics import write_folder_csv
+
+        csv = dst / "statistics.csv" if args.statistics is True else Path(args.statistics)
+        write_folder_csv(dst, csv)
+    if not args.quiet:
+        sys.stdout.write(summary_table(outcomes) + "\n")
+    failures = [o for o in outcomes if o.status == "failed"]
+    log.info("%d cases in %.1fs", len(outcomes), time.perf_counter() - t0)
     if failures:
-        sys.stderr.write(f"flare-rt: {len(failures)} of {len(cases)} cases failed:\n")
-        for case, why in failures:
-            sys.stderr.write(f"  {case.name}: {why}\n")
+        sys.stderr.write(f"flare-rt: {len(failures)} of {len(outcomes)} cases failed:\n")
+        for o in failures:
+            sys.stderr.write(f"  {o.case.image.name}: {o.reason}\n")
         return 1
     return 0
 
@@ -115,10 +158,13 @@ def cmd_segment(args) -> int:
 def _write_report(path, src, dst, pred, backend, options, total: float) -> None:
     import json
 
+    from .atomic import atomic_path
+
     report = {"input": str(src), "output": str(dst), "mode": options.mode, "backend": backend.describe(),
               "timings_s": {**pred.timings, "model_load": total - sum(pred.timings.values())},
               "total_s": total, "tiles": pred.tiles, "network_shape": list(pred.network_shape)}
-    Path(path).write_text(json.dumps(report, indent=1))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
 
 
 # -- info / import / export --------------------------------------------------------------------------
@@ -180,21 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["fast", "faithful"], default="fast",
                    help="faithful: nnU-Net's predictor step by step; fast (default): ROI crop, air tiles "
                         "skipped, argmax at network resolution")
-    s.add_argument("--backend", default="auto", help="auto, onnxruntime or torch")
+    s.add_argument("--backend", default="auto", help="auto, tensorrt, onnxruntime or torch")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
     s.add_argument("--step", type=float, default=None, help="tile step as a fraction of the patch (0.5 = nnU-Net)")
     s.add_argument("--tta", dest="tta", action="store_true", default=None, help="mirroring test-time augmentation")
     s.add_argument("--no-tta", dest="tta", action="store_false")
     s.add_argument("--batch-size", type=int, default=1, help="tiles per network call")
-    s.add_argument("--save-probabilities", action="store_true", help="also write class probabilities (.npz)")
+    s.add_argument("--save-probabilities", action="store_true",
+                   help="also write class probabilities (<name>.npz beside the labels)")
+    s.add_argument("--statistics", nargs="?", const=True, metavar="PATH",
+                   help="per-structure volume (mL) and mean/median HU as JSON (default <name>_statistics.json "
+                        "beside the output); folder mode also writes statistics.csv (or PATH), a row per case")
+    s.add_argument("--preview", nargs="?", const=True, metavar="PATH.png",
+                   help="PNG of axial, coronal and sagittal slices with the labels (default <name>_preview.png)")
+    s.add_argument("--part", metavar="I/N", help="folder mode: take the I-th of N static shards of the cases")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.add_argument("--force", action="store_true", help="segment images whose intensities do not look like CT")
     s.add_argument("--series", help="DICOM SeriesInstanceUID to use when a folder holds several")
     s.add_argument("--fast-option", action="append", metavar="KEY=VALUE",
-                   help="tune fast mode: roi=0/1, body_threshold_hu, body_margin, step, label_upsampling=0/1, "
-                        "compute_dtype=float32/float64 (repeatable)")
+                   help="tune fast mode: roi=0/1, roi_crop=0/1, body_threshold_hu, body_margin, "
+                        "label_upsampling=0/1, compute_dtype=float32/float64 (repeatable)")
     s.add_argument("--report", help="write stage timings and tile counts of a single-file run as JSON")
+    s.add_argument("--save-network-labels", metavar="PATH.npz",
+                   help="single file: also save the argmax at network resolution (what precision checks compare)")
     common(s)
     s.set_defaults(func=cmd_segment)
 
@@ -223,36 +278,46 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.set_defaults(func=cmd_export)
 
-    try:
-        from .evaluate.command import register
-    except ImportError:  # evaluator not installed in this build
-        register = None
-    if register is not None:
-        register(sub)
-    from .train.command import register as register_train  # imports torch lazily, on use
+    from .evaluate.command import register as register_evaluate  # imports its dependencies on use
+    from .train.command import register as register_train  # imports torch on use
+    from .trt.command import register as register_build_engine  # imports tensorrt on use
 
+    register_evaluate(sub)
     register_train(sub)
-    from .stages.command import register as register_pipeline; register_pipeline(sub)  # noqa: E702
+    register_build_engine(sub)
+    from .quantize import register as register_quantize
+    from .stages.command import register as register_pipeline
+
+    register_quantize(sub)
+    register_pipeline(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.DEBUG if getattr(args, "verbose", False) else \
-        logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def run_command(func, args) -> int:
+    """Run a subcommand: every error flare-rt raises on purpose becomes one line and its exit code."""
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except FlareError as exc:
         sys.stderr.write(f"flare-rt: error: {exc}\n")
         return exc.exit_code
     except MemoryError:
-        sys.stderr.write("flare-rt: error: out of memory; try --mode fast or a machine with more RAM\n")
+        sys.stderr.write("flare-rt: error: out of memory; try --mode fast, a smaller --batch-size, or a machine with "
+                         "more RAM\n")
         return 7
     except KeyboardInterrupt:
         sys.stderr.write("flare-rt: interrupted\n")
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

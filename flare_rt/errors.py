@@ -39,3 +39,14 @@ class ConfigError(FlareError):
     """An option has a value outside its valid range."""
 
     exit_code = 6
+
+
+class ResourceError(FlareError):
+    """Out of memory (GPU or host) even in the cheapest configuration."""
+
+    exit_code = 7
+
+
+class EngineError(BackendUnavailableError):
+    """A TensorRT engine cannot be built, found or loaded for this GPU, TensorRT version and bundle
+    (a backend-unavailable error: ``--backend auto`` falls back to the next backend)."""

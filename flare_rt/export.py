@@ -138,5 +138,5 @@ def export_bundle(net, meta: BundleMeta, path: str | Path, precision: str = "fp3
     if precision == "fp16":
         model = to_fp16(model)
     results = verify(model, net, check_inputs or default_check_inputs(meta), precision)
-    meta = meta.with_(precision=precision, weight_aliases=aliases)
+    meta = meta.with_(precision=precision, weight_aliases=aliases, precision_record=None, format_version=1)
     return write_bundle(model, meta, path), results

@@ -1,6 +1,9 @@
-"""Reading and writing images with their geometry (SimpleITK), input validation, DICOM series.
+"""Reading and writing images with their geometry, input validation, DICOM series.
 
-Arrays are in SimpleITK order (z, y, x); ``spacing`` is given in the same order.
+Arrays are in SimpleITK order (z, y, x); ``Volume.spacing`` is given in the same order, ``Volume.geometry``
+in ITK's (x, y, z). NIfTI files are read and written with SimpleITK when it is installed, else with
+:mod:`flare_rt.nifti` (nibabel's header layout, ITK's rules: the same arrays, geometry and header bytes);
+``FLARE_RT_IMAGE_IO=simpleitk|nibabel`` forces one. Other formats and DICOM series need SimpleITK.
 """
 from __future__ import annotations
 
@@ -14,11 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
-from .errors import InputImageError
+from .errors import ConfigError, InputImageError
+from .geometry import Geometry
+from .nifti import NIFTI_SUFFIXES, check_header_start, gzip_error
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+#: who reads and writes NIfTI: "auto" (SimpleITK when importable, else nibabel), "simpleitk" or "nibabel"
+IMAGE_IO_ENV = "FLARE_RT_IMAGE_IO"
 #: Intensity check for CT (Hounsfield units): air must be present (min <= -500 HU) and the volume
 #: must not be implausibly bright (median <= 1500 HU). MR/PET (non-negative) and unrescaled CT fail.
 CT_MIN_AIR_HU = -500.0
@@ -28,18 +35,54 @@ CT_MAX_MEDIAN_HU = 1500.0
 @dataclass(frozen=True)
 class Volume:
     array: np.ndarray  # (z, y, x)
-    spacing: tuple[float, float, float]  # (z, y, x) mm
-    reference: object  # SimpleITK.Image holding the geometry (origin, spacing, direction) to write back
+    geometry: Geometry  # the grid to write the labels back on
     source: str
+
+    def __post_init__(self) -> None:
+        if self.array.shape != self.geometry.shape:
+            raise ConfigError(f"{self.source}: array shape {self.array.shape} does not match its geometry "
+                              f"{self.geometry.shape} (z, y, x)")
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """(z, y, x) mm."""
+        x, y, z = self.geometry.spacing
+        return z, y, x
 
     @property
     def direction(self) -> tuple[float, ...]:
-        return tuple(self.reference.GetDirection())
+        """SimpleITK's nine direction cosines (row-major, columns = index axes x, y, z)."""
+        return self.geometry.direction
 
 
 def image_suffix(path: str | Path) -> str:
     name = str(path).lower()
     return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), "")
+
+
+def nifti_io() -> str:
+    """Who reads and writes NIfTI here: "simpleitk" or "nibabel" (``$FLARE_RT_IMAGE_IO``, default: SimpleITK
+    when it can be imported)."""
+    choice = os.environ.get(IMAGE_IO_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "simpleitk", "nibabel"):
+        raise ConfigError(f"{IMAGE_IO_ENV}={choice!r}: expected auto, simpleitk or nibabel")
+    if choice != "auto":
+        return choice
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        return "nibabel"
+    return "simpleitk"
+
+
+def _sitk(path: Path, doing: str):
+    """SimpleITK, or an error saying that ``doing`` (e.g. "reading DICOM series") needs it."""
+    try:
+        import SimpleITK as sitk
+    except ImportError as exc:
+        raise InputImageError(f"{path}: {doing} needs SimpleITK, which is not installed (pip install SimpleITK); "
+                              "without it, flare-rt segment reads and writes NIfTI (.nii, .nii.gz) only") from exc
+    return sitk
 
 
 def _check_gzip(path: Path) -> None:
@@ -50,31 +93,57 @@ def _check_gzip(path: Path) -> None:
             while fh.read(1 << 22):
                 pass
     except (OSError, EOFError, zlib.error) as exc:
-        raise InputImageError(f"{path}: corrupt or truncated gzip data ({exc})") from exc
+        raise gzip_error(path, exc) from exc
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputImageError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return
+    if not os.access(path, os.R_OK):
+        raise InputImageError(f"{path}: not readable (permission denied)")
+    if path.stat().st_size == 0:
+        raise InputImageError(f"{path}: the file is empty (0 bytes)")
 
 
 def read_image(path: str | Path, series_uid: str | None = None):
     """Read an image file or a DICOM series directory into a SimpleITK image (no validation)."""
-    import SimpleITK as sitk
-
     path = Path(path)
-    if not path.exists():
-        raise InputImageError(f"{path}: no such file or directory")
+    _check_file(path)
     if path.is_dir():
         return read_dicom_series(path, series_uid)
-    if not os.access(path, os.R_OK):
-        raise InputImageError(f"{path}: not readable (permission denied)")
+    sitk = _sitk(path, f"reading {image_suffix(path) or path.suffix or 'these'} images")
     _check_gzip(path)
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_header(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        msg = " ".join(str(exc).split())
-        raise InputImageError(f"{path}: cannot read image ({msg[-200:]})") from exc
+        raise InputImageError(f"{path}: cannot read image: unknown format or corrupt file "
+                              f"({_itk_message(exc)})") from exc
     if image_suffix(path) in (".nii", ".nii.gz") and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = _nifti_nonfinite(path)
         if bad:
             raise InputImageError(f"{path}: {bad} voxels are NaN or infinite; fix or mask them first")
     return image
+
+
+def _itk_message(exc: Exception) -> str:
+    """The reason in an ITK exception text, without its source-file prefix."""
+    msg = " ".join(str(exc).split())
+    for marker in ("sitk::ERROR:", "ERROR:"):
+        if marker in msg:
+            msg = msg.rsplit(marker, 1)[1].strip()
+            break
+    return msg[-200:]
+
+
+def _check_nifti_header(path: Path) -> None:
+    """A NIfTI file starts with its header size, 348 (NIfTI-1) or 540 (NIfTI-2), in either byte order."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        check_header_start(fh.read(4), path)
 
 
 def _nifti_nonfinite(path: Path) -> int:
@@ -87,8 +156,7 @@ def _nifti_nonfinite(path: Path) -> int:
 
 
 def read_dicom_series(folder: Path, series_uid: str | None = None):
-    import SimpleITK as sitk
-
+    sitk = _sitk(folder, "reading DICOM series")
     reader = sitk.ImageSeriesReader()
     uids = list(reader.GetGDCMSeriesIDs(str(folder)) or ())
     if not uids:
@@ -114,7 +182,7 @@ def read_dicom_series(folder: Path, series_uid: str | None = None):
 
 def check_slice_geometry(folder: Path, files, tol: float = 0.01) -> None:
     """Reject gantry tilt (slice positions not along the slice normal) and uneven slice gaps."""
-    import SimpleITK as sitk
+    sitk = _sitk(folder, "reading DICOM series")
 
     if len(files) < 2:
         raise InputImageError(f"{folder}: the DICOM series has {len(files)} slice; a 3D volume needs several")
@@ -146,44 +214,42 @@ def check_slice_geometry(folder: Path, files, tol: float = 0.01) -> None:
 
 def to_volume(image, source: str, force: bool = False) -> Volume:
     """Validate a SimpleITK image as a 3D CT volume and return its array (float32 copy avoided)."""
-    import SimpleITK as sitk
-
-    dim = image.GetDimension()
-    size = "x".join(str(s) for s in image.GetSize())
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputImageError(f"{source}: {image.GetNumberOfComponentsPerPixel()} components per voxel "
-                              f"({image.GetPixelIDTypeAsString()}); a CT has one")
-    if dim == 4 and image.GetSize()[3] == 1:
+    sitk = _sitk(Path(source), "reading this image")
+    shown = "x".join(str(s) for s in image.GetSize())
+    if image.GetNumberOfComponentsPerPixel() == 1 and image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
-        dim = 3
-    if dim != 3:
-        raise InputImageError(f"{source}: image is {dim}D ({size}); flare-rt segments 3D CT volumes")
-    if min(image.GetSize()) < 2:
-        raise InputImageError(f"{source}: image is {size}, a single slice; flare-rt segments 3D CT volumes")
-    array = sitk.GetArrayFromImage(image)
+    check_shape(source, image.GetSize(), image.GetNumberOfComponentsPerPixel(), image.GetPixelIDTypeAsString(), shown)
+    return _volume(sitk.GetArrayFromImage(image), Geometry.of(image), source, image.GetPixelIDTypeAsString(), force)
+
+
+def check_shape(source: str, size, components: int, pixel_type: str, shown: str | None = None) -> None:
+    """One component per voxel, three axes, more than one slice (``size`` in ITK order)."""
+    shown = shown or "x".join(str(s) for s in size)
+    if components != 1:
+        raise InputImageError(f"{source}: {components} components per voxel ({pixel_type}); a CT has one")
+    if len(size) != 3:
+        raise InputImageError(f"{source}: image is {len(size)}D ({shown}); flare-rt segments 3D CT volumes")
+    if min(size) < 2:
+        raise InputImageError(f"{source}: image is {shown}, a single slice; flare-rt segments 3D CT volumes")
+
+
+def _check_finite(array: np.ndarray, source: str) -> None:
     if array.dtype.kind == "f":
-        bad = ~np.isfinite(array)
-        if bad.any():
-            raise InputImageError(f"{source}: {int(bad.sum())} voxels are NaN or infinite; fix or mask them first")
+        bad = np.count_nonzero(~np.isfinite(array))
+        if bad:
+            raise InputImageError(f"{source}: {bad} voxels are NaN or infinite; fix or mask them first")
+
+
+def _volume(array: np.ndarray, geometry: Geometry, source: str, pixel_type: str, force: bool) -> Volume:
+    """The voxel checks shared by both readers, then the volume."""
+    _check_finite(array, source)
     if array.dtype.kind not in "iuf":
-        raise InputImageError(f"{source}: pixel type {image.GetPixelIDTypeAsString()} is not numeric")
+        raise InputImageError(f"{source}: pixel type {pixel_type} is not numeric")
     check_ct_intensities(array, source, force)
-    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
-    if min(spacing) <= 0:
-        raise InputImageError(f"{source}: non-positive spacing {spacing}")
-    ref = _geometry_only(image)
-    return Volume(array=array, spacing=spacing, reference=ref, source=source)  # type: ignore[arg-type]
-
-
-def _geometry_only(image):
-    """A 1-voxel image carrying ``image``'s spacing, origin and direction (no voxel copy kept)."""
-    import SimpleITK as sitk
-
-    ref = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-    ref.SetSpacing(image.GetSpacing())
-    ref.SetOrigin(image.GetOrigin())
-    ref.SetDirection(image.GetDirection())
-    return ref
+    volume = Volume(array=array, geometry=geometry, source=source)
+    if min(volume.spacing) <= 0:
+        raise InputImageError(f"{source}: non-positive spacing {volume.spacing}")
+    return volume
 
 
 def check_ct_intensities(array: np.ndarray, source: str, force: bool) -> None:
@@ -198,21 +264,42 @@ def check_ct_intensities(array: np.ndarray, source: str, force: bool) -> None:
 
 
 def load_volume(path: str | Path, series_uid: str | None = None, force: bool = False) -> Volume:
+    """Read and validate a CT: a NIfTI, MHA or NRRD file or a DICOM series folder."""
+    if image_suffix(path) in NIFTI_SUFFIXES and nifti_io() == "nibabel":
+        return _load_nifti(Path(path), str(path), force)
     return to_volume(read_image(path, series_uid), str(path), force)
 
 
-def write_labels(labels: np.ndarray, reference, path: str | Path) -> Path:
-    """Write uint8 labels with ``reference``'s spacing/origin/direction, atomically (temp + rename)."""
-    import SimpleITK as sitk
+def _load_nifti(path: Path, source: str, force: bool) -> Volume:
+    """:func:`load_volume` without SimpleITK: the same arrays, geometry and error lines."""
+    from .nifti import read_nifti
 
+    _check_file(path)
+    if path.is_dir():
+        raise InputImageError(f"{path}: a folder named like a NIfTI file; reading DICOM series needs SimpleITK "
+                              "(pip install SimpleITK)")
+    image = read_nifti(path)
+    if image.components == 1:  # as read_image: NaN/inf voxels before the shape checks
+        _check_finite(image.array, str(path))
+    check_shape(source, image.size, image.components, image.pixel_type)
+    return _volume(image.array, image.geometry, source, image.pixel_type, force)
+
+
+def write_labels(labels: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
+    """Write uint8 labels on ``geometry`` (spacing/origin/direction), atomically (temp + rename)."""
     path = Path(path)
     suffix = image_suffix(path)
     if not suffix:
         raise InputImageError(f"{path}: unknown output format; use one of {', '.join(IMAGE_SUFFIXES)}")
-    img = sitk.GetImageFromArray(np.ascontiguousarray(labels.astype(np.uint8, copy=False)))
-    img.SetSpacing(reference.GetSpacing())
-    img.SetOrigin(reference.GetOrigin())
-    img.SetDirection(reference.GetDirection())
+    labels = np.ascontiguousarray(labels.astype(np.uint8, copy=False))
+    if suffix in NIFTI_SUFFIXES and nifti_io() == "nibabel":
+        from .nifti import write_nifti
+
+        with atomic_path(path) as tmp:
+            write_nifti(labels, geometry, tmp)
+        return path
+    sitk = _sitk(path, f"writing {suffix} images")
+    img = geometry.apply_to(sitk.GetImageFromArray(labels))
     if suffix in (".mhd", ".nhdr"):  # the header names its data file: a temp name would stay in it
         path.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(img, str(path), useCompression=True)

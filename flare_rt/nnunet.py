@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .bundle import BundleMeta, CTNormalization, ResamplingRule
+from .bundle import DEFAULT_TILE_STEP, BundleMeta, CTNormalization, ResamplingRule
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def read_nnunet_model(model_dir: str | Path, configuration: str = "3d_fullres", 
         patch_size=tuple(int(p) for p in cfg["patch_size"]),
         normalization=norm,
         architecture=arch,
-        tile_step=0.5,
+        tile_step=DEFAULT_TILE_STEP,
         mirror_axes=mirror,
         tta=False,
         orientation="none",

@@ -77,3 +77,87 @@ def initializers(model) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def flatten_instance_norm(model, min_voxels: int = 1 << 18):
+    """Copy of a graph whose InstanceNormalization over at least ``min_voxels`` voxels runs on its
+    input reshaped to (N, C, D*H*W) (the same arithmetic; shape inference finds the sizes).
+
+    OpenVINO's CPU plugin computes a 5D normalisation in the convolutions' channels-last layout with a
+    long sequential fp32 sum; on a real CT patch (786k voxels per channel at full resolution) that
+    moved the logits up to 0.2 from a float64 reference, against 0.03 for ONNX Runtime. On the 3D
+    view it uses its planar kernel: 0.017, better than ONNX Runtime. Only the full-resolution layers
+    need it; their reorders cost OpenVINO up to 30 % of a tile's time (bench/README.md), which fp32
+    accuracy is worth (with only the two encoder layers flattened, random inputs already fail the
+    fp32 export tolerance against ONNX Runtime)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for vi in list(probe.graph.input) + list(probe.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_value:
+            dims[0].dim_value = 1
+    del probe.graph.value_info[:]
+    probe = onnx.shape_inference.infer_shapes(probe)
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in list(probe.graph.value_info) + list(probe.graph.input)}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    flat = "flare_rt_flat3_shape"
+    nodes, changed = [], 0
+    for node in m.graph.node:
+        shape = shapes.get(node.input[0]) if node.op_type == "InstanceNormalization" else None
+        if not shape or len(shape) != 5 or not all(shape[2:]) or int(np.prod(shape[2:])) < min_voxels:
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        inner = helper.make_node("InstanceNormalization", [f"{y}__flat_in", *node.input[1:]], [f"{y}__flat_out"],
+                                 name=f"{node.name}__flat")
+        inner.attribute.extend(node.attribute)
+        nodes += [helper.make_node("Shape", [x], [f"{y}__shape"]),
+                  helper.make_node("Reshape", [x, flat], [f"{y}__flat_in"]),
+                  inner,
+                  helper.make_node("Reshape", [f"{y}__flat_out", f"{y}__shape"], [y])]
+        changed += 1
+    if not changed:
+        return model
+    m.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), flat))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+#: Operators of quantised graphs (Q/DQ pairs, integer kernels): not fp32/fp16 bundles.
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger")
+
+
+def quantized_ops(model) -> list[str]:
+    """The quantisation operators in ``model`` (empty for an fp32 or fp16 graph)."""
+    return sorted({node.op_type for node in model.graph.node if node.op_type in QUANTIZED_OPS})
+
+
+def tensor_types(model) -> dict[str, int]:
+    """ONNX element type of every named tensor (graph inputs, weights, inferred intermediates)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {init.name: init.data_type for init in g.initializer}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for node in g.node:  # a Cast's output type is its "to", inferred or not
+        if node.op_type == "Cast":
+            types.setdefault(node.output[0], next(a.i for a in node.attribute if a.name == "to"))
+    return types
+
+
+def non_fp32_norms(model) -> list[str]:
+    """Normalisation nodes (``FP32_OPS``) whose data input is not fp32: empty when a strongly typed
+    build keeps every InstanceNorm in fp32, as flare-rt's fp16 bundles do."""
+    types = tensor_types(model)
+    return [node.name or node.output[0] for node in model.graph.node
+            if node.op_type in FP32_OPS and types.get(node.input[0]) != FLOAT]

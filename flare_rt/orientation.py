@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
+from .xp import array_module
 
 _LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
 
@@ -27,14 +28,17 @@ class Reorientation:
         return self.perm == (0, 1, 2) and not self.flips
 
     def apply(self, array):
+        """A view of ``array`` (numpy or CuPy) permuted and flipped to the target orientation."""
+        xp = array_module(array)
         out = array.transpose(self.perm)
         for ax in self.flips:
-            out = np.flip(out, ax)
+            out = xp.flip(out, ax)
         return out
 
     def invert(self, array):
+        xp = array_module(array)
         for ax in self.flips:
-            array = np.flip(array, ax)
+            array = xp.flip(array, ax)
         inv = tuple(int(i) for i in np.argsort(self.perm))
         return array.transpose(inv)
 

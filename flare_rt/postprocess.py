@@ -8,12 +8,14 @@ interpolates the logits only where the network-resolution argmax changes (:func:
 """
 from __future__ import annotations
 
-from typing import Iterable
+import itertools
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .resample import ResamplePlan, resample, resize_skimage, z_source_index
-from .xp import array_module
+from .kernels import native_enabled
+from .resample import ResamplePlan, linear_weights, resample, resize_skimage, z_source_index
+from .xp import array_module, to_device
 
 
 def softmax(logits, axis: int = 0):
@@ -22,88 +24,104 @@ def softmax(logits, axis: int = 0):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def _argmax_labels(planes):
-    return planes.argmax(0).astype(np.uint8)
+def output_rows(blocks: Iterable, plan: ResamplePlan, make_plane: Callable) -> Iterator[tuple[int, object]]:
+    """The streaming way back for a plan that selects slices along z (order 0, or no z change): consume
+    ``(z0, z1, logits_block)`` in row order and yield ``(k, make_plane(block[:, s]))`` for every output
+    row ``k`` with source row ``s``; a source row shared by consecutive output rows is computed once."""
+    idx = z_source_index(plan.in_shape[0], plan.out_shape[0]) if plan.in_shape[0] != plan.out_shape[0] \
+        else np.arange(plan.out_shape[0])
+    for z0, z1, blk in blocks:
+        last_src, last = None, None
+        for k in np.flatnonzero((idx >= z0) & (idx < z1)).tolist():
+            s = int(idx[k])
+            if s != last_src:
+                last_src, last = s, make_plane(blk[:, s - z0])
+            yield k, last
+
+
+def streams(plan: ResamplePlan) -> bool:
+    """Whether the back-resampling of ``plan`` is a z selection followed by in-plane resizing."""
+    return plan.separate_axis == 0 and (plan.order_z == 0 or plan.in_shape[0] == plan.out_shape[0])
 
 
 def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want_probabilities: bool = False,
-                    compute_dtype=np.float32, on_plane=None):
+                    compute_dtype=np.float32, out=None, on_plane=None):
     """Consume ``(z0, z1, logits_block)`` in row order; return uint8 labels of ``plan.out_shape``
-    (and float16 probabilities if asked). ``on_plane(row, logits)``, if given, sees the resampled
-    (K, Y, X) logits of every output row (e.g. :class:`flare_rt.confidence.ConfidenceRows`)."""
+    (written into ``out`` if given) and float16 probabilities if asked. ``on_plane(row, logits)``, if given,
+    sees the resampled (K, Y, X) logits of every output row (e.g. :class:`flare_rt.confidence.ConfidenceRows`)."""
     out_shape = plan.out_shape
-    labels = None
-    probs = None
-    streaming = plan.separate_axis == 0 and (plan.order_z == 0 or plan.in_shape[0] == plan.out_shape[0])
-    if not streaming:  # rare (isotropic or x/y-anisotropic models): resample per class, running argmax
-        full = None
-        for z0, z1, blk in blocks:
-            xp = array_module(blk)
-            if full is None:
-                full = xp.empty((num_classes, *plan.in_shape), dtype=xp.float32)
-            full[:, z0:z1] = blk
-        xp = array_module(full)
-        best = best_idx = None
-        keep = want_probabilities or on_plane is not None
-        for c in range(num_classes):
-            r = resample(full[c:c + 1], plan, out_dtype=np.float32, compute_dtype=compute_dtype)[0]
-            if probs is None and keep:
-                probs = xp.empty((num_classes, *out_shape), dtype=np.float32)
-            if keep:
-                probs[c] = r
-            if best is None:
-                best, best_idx = r, xp.zeros(out_shape, dtype=np.uint8)
-            else:
-                better = r > best
-                best = xp.where(better, r, best)
-                best_idx[better] = c
-        if on_plane is not None:
-            for k in range(out_shape[0]):
-                on_plane(k, probs[:, k])
-        probs = softmax(probs).astype(np.float16) if want_probabilities else None
-        return best_idx, probs
-    idx = z_source_index(plan.in_shape[0], out_shape[0]) if plan.in_shape[0] != out_shape[0] \
-        else np.arange(out_shape[0])
-    plane = out_shape[1:]
-    for z0, z1, blk in blocks:
-        xp = array_module(blk)
+    if not streams(plan):  # rare (isotropic or x/y-anisotropic models): resample per class, running argmax
+        labels, probs = _labels_per_class(blocks, plan, num_classes, want_probabilities, compute_dtype, on_plane)
+        if out is not None:
+            out[...] = labels
+            labels = out
+        return labels, probs
+
+    def resized(plane):
+        xp = array_module(plane)
+        return xp.stack([resize_skimage(plane[c].astype(compute_dtype, copy=False), out_shape[1:], plan.order,
+                                        np.float32) for c in range(num_classes)])
+
+    labels, probs = out, None
+    for k, planes in output_rows(blocks, plan, resized):
+        xp = array_module(planes)
         if labels is None:
             labels = xp.zeros(out_shape, dtype=np.uint8)
-            if want_probabilities:
-                probs = xp.zeros((num_classes, *out_shape), dtype=np.float16)
-        targets = np.flatnonzero((idx >= z0) & (idx < z1))
-        last_src, last = None, None
-        for k in targets.tolist():
-            s = int(idx[k])
-            if s != last_src:
-                planes = xp.stack([resize_skimage(blk[c, s - z0].astype(compute_dtype, copy=False), plane,
-                                                  plan.order, np.float32) for c in range(num_classes)])
-                last_src, last = s, planes
-            labels[k] = _argmax_labels(last)
-            if on_plane is not None:
-                on_plane(k, last)
-            if want_probabilities:
-                probs[:, k] = softmax(last).astype(np.float16)
+        if want_probabilities and probs is None:
+            probs = xp.zeros((num_classes, *out_shape), dtype=np.float16)
+        labels[k] = planes.argmax(0)
+        if on_plane is not None:
+            on_plane(k, planes)
+        if want_probabilities:
+            probs[:, k] = softmax(planes).astype(np.float16)
     return labels, probs
 
 
-def _bilinear_axis(n_in: int, n_out: int):
-    """ndimage.zoom(order=1, grid_mode=True, mode='nearest') sample positions along one axis."""
-    c = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-    lo = np.floor(c).astype(np.int64)
-    return lo, np.minimum(lo + 1, n_in - 1), (c - lo).astype(np.float32)
+def _labels_per_class(blocks: Iterable, plan: ResamplePlan, num_classes: int, want_probabilities: bool,
+                      compute_dtype, on_plane=None):
+    full = None
+    for z0, z1, blk in blocks:
+        xp = array_module(blk)
+        if full is None:
+            full = xp.empty((num_classes, *plan.in_shape), dtype=xp.float32)
+        full[:, z0:z1] = blk
+    xp = array_module(full)
+    best = best_idx = probs = None
+    keep = want_probabilities or on_plane is not None
+    for c in range(num_classes):
+        r = resample(full[c:c + 1], plan, out_dtype=np.float32, compute_dtype=compute_dtype)[0]
+        if keep:
+            if probs is None:
+                probs = xp.empty((num_classes, *plan.out_shape), dtype=np.float32)
+            probs[c] = r
+        if best is None:
+            best, best_idx = r, xp.zeros(plan.out_shape, dtype=np.uint8)
+        else:
+            better = r > best
+            best = xp.where(better, r, best)
+            best_idx[better] = c
+    if on_plane is not None:
+        for k in range(plan.out_shape[0]):
+            on_plane(k, probs[:, k])
+    probs = softmax(probs).astype(np.float16) if want_probabilities else None
+    return best_idx, probs
 
 
-def refine_plane(logits, out_plane):
+def plane_weights(in_plane, out_plane, xp=np):
+    """The bilinear sample positions and weights of :func:`refine_plane` (y0, y1, wy, x0, x1, wx), as
+    arrays of ``xp`` (compute once per case, not per plane: on a GPU they are an upload)."""
+    (y0, y1, wy), (x0, x1, wx) = (linear_weights(n, m, np.float32) for n, m in zip(in_plane, out_plane))
+    return tuple(to_device(a, xp) for a in (y0, y1, wy, x0, x1, wx))
+
+
+def refine_plane(logits, out_plane, weights=None):
     """Labels of the bilinearly resized (K, Y, X) ``logits`` on ``out_plane``, computed exactly but
     only where needed: where the four network voxels around a sample share one argmax, the
     interpolated logits (a convex combination) have that argmax too; elsewhere (label boundaries,
     typically a few per cent of voxels) the K logits are interpolated and reduced."""
     xp = array_module(logits)
     net = logits.argmax(0)
-    (y0, y1, wy), (x0, x1, wx) = (_bilinear_axis(n, m) for n, m in zip(logits.shape[1:], out_plane))
-    if xp is not np:
-        y0, y1, wy, x0, x1, wx = (xp.asarray(a) for a in (y0, y1, wy, x0, x1, wx))
+    y0, y1, wy, x0, x1, wx = weights or plane_weights(logits.shape[1:], out_plane, xp)
     a, b = net[y0][:, x0], net[y0][:, x1]
     c, d = net[y1][:, x0], net[y1][:, x1]
     labels = a.astype(np.uint8)
@@ -117,24 +135,50 @@ def refine_plane(logits, out_plane):
     return labels
 
 
-def labels_refined(blocks: Iterable, plan: ResamplePlan):
+def labels_refined(blocks: Iterable, plan: ResamplePlan, out=None):
     """Fast mode's labels for nnU-Net's usual back-resampling (in-plane order 1, z order 0): the
-    argmax of the resampled logits, as :func:`labels_faithful`, at the cost of a label upsampling."""
-    if not (plan.separate_axis == 0 and plan.order == 1 and plan.order_z == 0):
+    argmax of the resampled logits, as :func:`labels_faithful`, at the cost of a label upsampling
+    (written into ``out`` if given)."""
+    if not refinable(plan):
         raise ValueError(f"boundary-refined upsampling needs in-plane order 1 and z order 0, got {plan}")
-    out_shape = plan.out_shape
-    idx = z_source_index(plan.in_shape[0], out_shape[0]) if plan.in_shape[0] != out_shape[0] \
-        else np.arange(out_shape[0])
-    labels = None
-    for z0, z1, blk in blocks:
-        xp = array_module(blk)
+    blocks = iter(blocks)
+    first = next(blocks, None)
+    if first is None:
+        return out
+    blocks = itertools.chain([first], blocks)
+    if native_enabled(array_module(first[2])):
+        return _labels_native(blocks, plan, out)
+    labels, weights = out, None
+
+    def refined(plane):
+        nonlocal weights
+        if weights is None:
+            weights = plane_weights(plan.in_shape[1:], plan.out_shape[1:], array_module(plane))
+        return refine_plane(plane, plan.out_shape[1:], weights)
+
+    for k, plane in output_rows(blocks, plan, refined):
         if labels is None:
-            labels = xp.zeros(out_shape, dtype=np.uint8)
-        targets = np.flatnonzero((idx >= z0) & (idx < z1))
-        last_src, last = None, None
-        for k in targets.tolist():
-            s = int(idx[k])
-            if s != last_src:
-                last_src, last = s, refine_plane(blk[:, s - z0], out_shape[1:])
-            labels[k] = last
+            labels = array_module(plane).zeros(plan.out_shape, dtype=np.uint8)
+        labels[k] = plane
     return labels
+
+
+def _labels_native(blocks: Iterable, plan: ResamplePlan, out=None):
+    """:func:`labels_refined` with the native kernel: one launch per block, the same labels."""
+    from .kernels import labels_from_logits
+
+    idx = z_source_index(plan.in_shape[0], plan.out_shape[0]) if plan.in_shape[0] != plan.out_shape[0] \
+        else np.arange(plan.out_shape[0])
+    labels = out
+    for z0, z1, blk in blocks:
+        if labels is None:
+            labels = array_module(blk).zeros(plan.out_shape, dtype=np.uint8)
+        t = np.flatnonzero((idx >= z0) & (idx < z1))  # consecutive: idx never decreases
+        if t.size:
+            labels[t[0]:t[-1] + 1] = labels_from_logits(blk, idx[t] - z0, plan.out_shape[1:])
+    return labels
+
+
+def refinable(plan: ResamplePlan) -> bool:
+    """Whether :func:`labels_refined` applies (nnU-Net's usual back-resampling: z order 0, in-plane order 1)."""
+    return plan.separate_axis == 0 and plan.order == 1 and plan.order_z == 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bundle import ResamplingRule
-from .xp import array_module, ndimage_module
+from .xp import array_module, ndimage_module, to_device
 
 
 @dataclass(frozen=True)
@@ -82,16 +82,18 @@ def z_source_index(n_in: int, n_out: int, xp=np):
     scale = float(n_in) / n_out
     coord = scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5
     idx = np.clip(np.floor(coord + 0.5), 0, n_in - 1).astype(np.int64)
-    return idx if xp is np else xp.asarray(idx)
+    return to_device(idx, xp)
 
 
-def z_linear_weights(n_in: int, n_out: int):
-    """Linear interpolation along z (order_z == 1): lower index, upper index, upper weight."""
+def linear_weights(n_in: int, n_out: int, dtype=np.float64):
+    """Linear interpolation along one axis with pixel-centre alignment, clamped at the edges (ndimage
+    ``zoom(order=1, grid_mode=True, mode='nearest')``, nnU-Net's order-1 z interpolation): for each
+    output index the lower and upper source index and the upper weight."""
     scale = float(n_in) / n_out
     coord = np.clip(scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5, 0, n_in - 1)
     lo = np.floor(coord).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
-    return lo, hi, coord - lo
+    return lo, hi, (coord - lo).astype(dtype)
 
 
 def _move(x, axis: int):
@@ -100,18 +102,24 @@ def _move(x, axis: int):
     return xp.moveaxis(x, x.ndim - 3 + axis, x.ndim - 3)
 
 
-def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64):
+def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64, pre=None):
     """Resample (C, Z, Y, X) ``data`` to ``plan.out_shape`` exactly as nnU-Net's resample_data_or_seg
-    (``compute_dtype`` float64 as nnU-Net; float32 is the fast path)."""
+    (``compute_dtype`` float64 as nnU-Net; float32 is the fast path).
+
+    ``pre`` (e.g. CT normalisation) is applied to the input before resampling, slice by slice where the
+    plan resamples slices (the same values as applying it to the whole volume first, without a
+    full-size float copy of the input)."""
     xp = array_module(data)
+    pre = pre or (lambda a: a)
     out_dtype = out_dtype or data.dtype
     if plan.identity:
-        return data.astype(out_dtype, copy=False)
+        return pre(data).astype(out_dtype, copy=False)
     c = data.shape[0]
     out = xp.empty((c, *plan.out_shape), dtype=out_dtype)
     if plan.separate_axis is None:
         for ch in range(c):
-            out[ch] = resize_skimage(data[ch].astype(compute_dtype, copy=False), plan.out_shape, plan.order, out_dtype)
+            out[ch] = resize_skimage(pre(data[ch]).astype(compute_dtype, copy=False), plan.out_shape, plan.order,
+                                     out_dtype)
         return out
     ax = plan.separate_axis
     n_in, n_out = plan.in_shape[ax], plan.out_shape[ax]
@@ -124,21 +132,23 @@ def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64)
             done: dict[int, object] = {}
             for k, s in enumerate(idx.tolist()):
                 if s not in done:
-                    done[s] = resize_skimage(src[ch, s].astype(compute_dtype, copy=False), plane, plan.order, out_dtype)
+                    done[s] = resize_skimage(pre(src[ch, s]).astype(compute_dtype, copy=False), plane, plan.order,
+                                             out_dtype)
                 dst[ch, k] = done[s]
                 if k + 1 < n_out and idx[k + 1] != s:
                     done.pop(s)
         else:
-            planes = xp.stack([resize_skimage(src[ch, s].astype(compute_dtype, copy=False), plane, plan.order,
+            planes = xp.stack([resize_skimage(pre(src[ch, s]).astype(compute_dtype, copy=False), plane, plan.order,
                                               compute_dtype) for s in range(n_in)])
-            lo, hi, w = z_linear_weights(n_in, n_out)
-            w = xp.asarray(w.reshape(-1, 1, 1))
+            lo, hi, w = (to_device(a, xp) for a in linear_weights(n_in, n_out))
+            w = w.reshape(-1, 1, 1)
             dst[ch] = ((1 - w) * planes[lo] + w * planes[hi]).astype(out_dtype)
     return out
 
 
 def upsample_labels_nearest(labels, out_shape):
-    """Nearest-neighbour label resampling with pixel-centre alignment (fast mode), by index gathering."""
+    """Nearest-neighbour resampling with pixel-centre alignment (labels, masks, or an image sampled for a
+    mask), by index gathering."""
     xp = array_module(labels)
     idx = [z_source_index(n_in, n_out, xp) for n_in, n_out in zip(labels.shape, out_shape)]
     return labels[idx[0]][:, idx[1]][:, :, idx[2]]

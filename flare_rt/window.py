@@ -15,8 +15,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .bundle import DEFAULT_TILE_STEP
 from .errors import ConfigError
-from .xp import array_module
+from .kernels import native_enabled
+from .xp import array_module, to_device
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ Network = Callable[[object], object]
 @dataclass(frozen=True)
 class WindowConfig:
     patch_size: tuple[int, int, int]
-    step: float = 0.5
+    step: float = DEFAULT_TILE_STEP
     batch_size: int = 1
     mirror_axes: tuple[int, ...] = ()  # TTA: all flip combinations over these spatial axes
     gaussian: bool = True
@@ -66,10 +68,21 @@ def _gaussian_np(tile: tuple[int, ...], sigma_scale: float, value_scaling: float
     return g
 
 
+_DEVICE_GAUSSIANS: dict[tuple, object] = {}
+
+
 def gaussian_map(tile, xp=np, sigma_scale: float = 1.0 / 8, value_scaling: float = 10.0):
-    """nnU-Net's importance map: sigma = tile/8, max scaled to 10, zeros replaced by the smallest value."""
-    g = _gaussian_np(tuple(int(t) for t in tile), sigma_scale, value_scaling)
-    return g if xp is np else xp.asarray(g)
+    """nnU-Net's importance map: sigma = tile/8, max scaled to 10, zeros replaced by the smallest value.
+    Computed once per tile shape, and uploaded once per device (not per call)."""
+    key = (tuple(int(t) for t in tile), sigma_scale, value_scaling)
+    g = _gaussian_np(*key)
+    if xp is np:
+        return g
+    device = xp.cuda.Device().id if hasattr(xp, "cuda") else 0
+    dev_key = (xp.__name__, device, *key)
+    if dev_key not in _DEVICE_GAUSSIANS:
+        _DEVICE_GAUSSIANS[dev_key] = to_device(g, xp)
+    return _DEVICE_GAUSSIANS[dev_key]
 
 
 def pad_to_patch(image, patch):
@@ -87,7 +100,8 @@ def pad_to_patch(image, patch):
 def _predict(network: Network, batch, mirror_axes: tuple[int, ...]):
     """Network output, averaged over all flip combinations of ``mirror_axes`` (nnU-Net's TTA)."""
     xp = array_module(batch)
-    pred = network(batch)
+    # float32 blending; a copy when more calls follow (a backend may reuse its output buffer, TensorRT does)
+    pred = network(batch).astype(xp.float32, copy=bool(mirror_axes))
     if mirror_axes:
         combos = [c for i in range(len(mirror_axes)) for c in itertools.combinations(mirror_axes, i + 1)]
         for axes in combos:
@@ -107,7 +121,8 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
                           progress=None) -> Iterator[tuple[int, int, object]]:
     """Yield ``(z0, z1, logits[:, z0:z1])`` blocks of the blended float32 logits of a (C, Z, Y, X)
     image, in order, covering all rows. ``keep_tile(origin)`` may skip tiles (fast mode): rows no
-    kept tile covers get logits 0 with background 1 (certain background)."""
+    kept tile covers get logits 0 with background 1 (certain background). ``progress`` (a tqdm-like
+    object) is reset to the number of tiles to run and updated after each batch."""
     xp = array_module(image)
     padded, unpad = pad_to_patch(image, cfg.patch_size)
     shape = padded.shape[1:]
@@ -117,6 +132,8 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
         kept = [o for o in origins if keep_tile(o)]
         log.info("sliding window: %d of %d tiles hold the region of interest", len(kept), len(origins))
         origins = kept
+    if progress is not None:
+        progress.reset(total=len(origins))
     gauss = gaussian_map(cfg.patch_size, xp) if cfg.gaussian else xp.ones(cfg.patch_size, dtype=xp.float32)
     z_starts = sorted({o[0] for o in origins})
     by_z = {z: [o for o in origins if o[0] == z] for z in z_starts}
@@ -134,14 +151,16 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
             n = min(upto - lo, depth)
             a, b = max(lo, z_lo), min(lo + n, z_hi)
             if b > a:
-                blk = acc[:, a - lo:b - lo]
-                w = wsum[a - lo:b - lo]
-                out = xp.where(w > 0, blk / xp.maximum(w, 1e-30), 0).astype(xp.float32)
-                if keep_tile is not None:
-                    empty = w == 0
-                    if bool(empty.any()):
-                        out[0][empty] = 1.0
-                yield a - z_lo, b - z_lo, out[(slice(None), slice(None), unpad[1], unpad[2])]
+                blk = acc[:, a - lo:b - lo, unpad[1], unpad[2]]
+                w = wsum[a - lo:b - lo, unpad[1], unpad[2]]
+                if keep_tile is None:  # every voxel is covered by a tile, and the Gaussian is > 0
+                    out = blk / w
+                else:  # voxels no kept tile covers: logits 0, background 1 (certain background); no sync
+                    covered = w > 0
+                    out = blk / xp.maximum(w, 1e-30)
+                    out *= covered
+                    out[0] += ~covered
+                yield a - z_lo, b - z_lo, out
             if n < depth:
                 acc[:, :depth - n] = acc[:, n:].copy()
                 wsum[:depth - n] = wsum[n:].copy()
@@ -150,17 +169,23 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
             lo += n
 
     batch_imgs, batch_orig = [], []
+    native = native_enabled(xp)
 
     def flush_batch():
         if not batch_imgs:
             return
         pred = _predict(network, xp.stack(batch_imgs), cfg.mirror_axes)
-        for p, (z, y, x) in zip(pred, batch_orig):
-            p *= gauss
-            acc[:, z - lo:z - lo + pz, y:y + py, x:x + px] += p
-            wsum[z - lo:z - lo + pz, y:y + py, x:x + px] += gauss
+        if native:  # one launch, the same float32 operations in the same tile order
+            from .kernels import accumulate_tiles
+
+            accumulate_tiles(acc, wsum, pred, gauss, [(z - lo, y, x) for z, y, x in batch_orig])
+        else:
+            for p, (z, y, x) in zip(pred, batch_orig):
+                p *= gauss
+                acc[:, z - lo:z - lo + pz, y:y + py, x:x + px] += p
+                wsum[z - lo:z - lo + pz, y:y + py, x:x + px] += gauss
         if progress is not None:
-            progress(len(batch_imgs))
+            progress.update(len(batch_imgs))
         batch_imgs.clear()
         batch_orig.clear()
 

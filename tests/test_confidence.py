@@ -2,6 +2,8 @@
 streamed with the labels, the same labels with or without it, and full confidence where nothing ran."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -42,7 +44,7 @@ def test_confidence_map_matches_the_probabilities_and_keeps_the_labels(ct):
     bundle = Bundle.load(packaged_model())
     plain = Segmenter(bundle, BandNet(), SegmentOptions()).predict(ct)
     with_conf = Segmenter(bundle, BandNet(), SegmentOptions(confidence=True)).predict(ct)
-    probs = Segmenter(bundle, BandNet(), SegmentOptions(mode="faithful", save_probabilities=True)).predict(ct)
+    probs = Segmenter(bundle, BandNet(), SegmentOptions(mode="faithful", probabilities=True)).predict(ct)
     assert plain.confidence is None and probs.confidence is None
     conf = with_conf.confidence
     assert conf.shape == ct.array.shape and conf.dtype == np.uint8
@@ -56,7 +58,8 @@ def test_confidence_map_matches_the_probabilities_and_keeps_the_labels(ct):
 
 
 def test_outside_the_nonzero_crop_the_confidence_is_full(ct):
-    padded = Volume(np.pad(ct.array, ((0, 0), (0, 0), (0, 9))), ct.spacing, ct.reference, "padded")
+    array = np.pad(ct.array, ((0, 0), (0, 0), (0, 9)))
+    padded = Volume(array, replace(ct.geometry, size=array.shape[::-1]), "padded")
     pred = Segmenter(Bundle.load(packaged_model()), BandNet(), SegmentOptions(confidence=True)).predict(padded)
     assert (pred.confidence[:, :, -9:] == 255).all() and (pred.labels[:, :, -9:] == 0).all()
     assert pred.confidence[:, :, :-9].max() < 255

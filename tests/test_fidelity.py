@@ -13,6 +13,7 @@ from flare_rt.backends import create_backend  # noqa: E402
 from flare_rt.bundle import Bundle  # noqa: E402
 from flare_rt.io import load_volume  # noqa: E402
 from flare_rt.pipeline import SegmentOptions, Segmenter  # noqa: E402
+from agreement import dice_per_class  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CASES = ["ts_example_ct.nii.gz", "ircad01_ct.nii.gz"]
@@ -26,15 +27,6 @@ PROB_MAX_ABS, PROB_P999_ABS, PROB_MEAN_ABS = 0.1, 0.01, 1e-4
 # Fast mode (air-only tiles skipped, boundary-refined label upsampling, float32 resampling) computes
 # the same labels as faithful mode up to float rounding at ties: the bound tested per class.
 FAST_MIN_DICE = 0.999
-
-
-def dice_per_class(a: np.ndarray, b: np.ndarray, min_voxels: int = 1000) -> dict[int, float]:
-    out = {}
-    for c in range(1, 15):
-        na, nb = int((a == c).sum()), int((b == c).sum())
-        if max(na, nb) >= min_voxels:
-            out[c] = 2 * int(((a == c) & (b == c)).sum()) / (na + nb)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +58,7 @@ def flare_runs(shared_data, fp32_bundle):
     for backend in ("onnxruntime", "torch"):
         be = create_backend(bundle, backend, "cpu", 2)
         for case in CASES:
-            seg = Segmenter(bundle, be, SegmentOptions(mode="faithful", save_probabilities=case in PROB_CASES))
+            seg = Segmenter(bundle, be, SegmentOptions(mode="faithful", probabilities=case in PROB_CASES))
             p = seg.predict(load_volume(shared_data / case))
             runs[backend, case] = (p.labels, p.probabilities)
     fast = Segmenter(bundle, create_backend(bundle, "onnxruntime", "cpu", 2), SegmentOptions(mode="fast"))

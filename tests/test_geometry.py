@@ -3,6 +3,7 @@ format and orientation; a bundle with an anatomical orientation segments the sam
 storage order; DICOM input keeps the series geometry and agrees with a reference in physical space."""
 from __future__ import annotations
 
+import locale
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import SimpleITK as sitk
 from flare_rt.bundle import Bundle, write_bundle
 from flare_rt.cli import main
 from flare_rt.resources import packaged_model
+from agreement import dice
 
 LIVER = 1
 # Tiles that abut instead of overlapping by half: half the network time on 2 CPU cores. Every comparison
@@ -41,11 +43,6 @@ def labels_of(img) -> np.ndarray:
     return sitk.GetArrayFromImage(img)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
-
-
 def rotated_about_z(img, degrees: float):
     """Same voxels and origin, direction turned by ``degrees`` about the physical z axis."""
     t = math.radians(degrees)
@@ -56,8 +53,8 @@ def rotated_about_z(img, degrees: float):
 
 
 @pytest.fixture(scope="module")
-def ct_path(shared_data) -> Path:
-    return shared_data / "ts_example_ct_sm.nii.gz"
+def ct_path(small_ct_path) -> Path:
+    return small_ct_path
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +216,16 @@ def test_dicom_liver_overlaps_reference(dicom_seg, shared_data):
 
 
 def write_dicom_series(img, folder: Path) -> None:
-    """A minimal CT series (one file per slice) with the image's geometry, written by SimpleITK/GDCM."""
+    """A minimal CT series (one file per slice) with the image's geometry, written by SimpleITK/GDCM (whose
+    DICOM writer sets the process's C locale: restored afterwards, or later text decoding turns ASCII)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_series(img, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(img, folder: Path) -> None:
     folder.mkdir()
     d = img.GetDirection()
     orientation = "\\".join(f"{v:.10g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
@@ -281,7 +287,7 @@ def test_detached_header_output(tmp_path, ct, suffix, data_file):
     vol = load_volume(src)
     labels = (vol.array > 0).astype(np.uint8)
     out = tmp_path / "out" / f"seg{suffix}"
-    write_labels(labels, vol.reference, out)
+    write_labels(labels, vol.geometry, out)
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, data_file])
     seg = sitk.ReadImage(str(out))
     assert_same_grid(seg, ct, exact=False)

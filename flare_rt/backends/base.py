@@ -14,12 +14,21 @@ from ..bundle import Bundle
 class BackendOptions:
     device: str = "cpu"  # "cpu" or "cuda" (resolved from "auto" by the registry)
     threads: int | None = None  # intra-op CPU threads; None: the runtime's default
+    precision: str | None = None  # compute precision; None: the backend's default for the device
+    cuda_graphs: bool = True  # replay the fixed-shape forward as a CUDA graph where the backend can
+    batch_size: int = 1  # largest tile batch the pipeline passes (TensorRT builds its profile for it)
 
 
 class Backend(abc.ABC):
-    """Runs a bundle's network: ``backend(batch)`` with batch (B, C, *patch) float32 → (B, K, *patch) float32."""
+    """Runs a bundle's network: ``backend(batch)`` with batch (B, C, *patch) of ``input_dtype`` →
+    (B, K, *patch) logits (float32, or float16 from GPU backends; the pipeline accumulates in float32).
+
+    A backend may return the same output buffer on every call of one batch shape (TensorRT does):
+    consume or copy the result before the next call."""
 
     name: str = "?"
+    #: dtype of the batches the backend takes without a conversion (GPU fp16 engines: float16)
+    input_dtype = np.float32
 
     def __init__(self, bundle: Bundle, options: BackendOptions):
         self.bundle = bundle

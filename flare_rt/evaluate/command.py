@@ -12,7 +12,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flare_rt.errors import FlareError
 from flare_rt.evaluate import evaluate_folders
 from flare_rt.evaluate.metrics import DEFAULT_DSC_CUTOFF, FLARE23_DSC_CUTOFF, EvaluationOptions
 from flare_rt.evaluate.report import render_markdown, write_report
@@ -74,36 +73,30 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate, write the outputs, print the summary; typed errors become one log line + exit code."""
-    try:
-        options = EvaluationOptions(
-            dsc_cutoff=FLARE23_DSC_CUTOFF if args.flare23_cutoff else DEFAULT_DSC_CUTOFF,
-            inclusive_zrange=args.inclusive_zrange,
-        )
-        evaluation = evaluate_folders(
-            args.pred, args.gt, options, workers=args.workers, resample_pred=args.resample_pred
-        )
-        markdown = render_markdown(evaluation.summary, options)
-        if args.out is not None:
-            written = write_report(
-                evaluation.results, evaluation.summary, options, args.out, plots=not args.no_plots
-            )
-            log.info("wrote %s", ", ".join(str(p) for p in written.values()))
-    except FlareError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
+    """Evaluate, write the outputs, print the summary (typed errors go to ``cli.run_command``)."""
+    options = EvaluationOptions(
+        dsc_cutoff=FLARE23_DSC_CUTOFF if args.flare23_cutoff else DEFAULT_DSC_CUTOFF,
+        inclusive_zrange=args.inclusive_zrange,
+    )
+    evaluation = evaluate_folders(args.pred, args.gt, options, workers=args.workers, resample_pred=args.resample_pred)
+    markdown = render_markdown(evaluation.summary, options)
+    if args.out is not None:
+        written = write_report(evaluation.results, evaluation.summary, options, args.out, plots=not args.no_plots)
+        log.info("wrote %s", ", ".join(str(p) for p in written.values()))
     sys.stdout.write(markdown)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from flare_rt.cli import run_command, setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(
         prog="flare-rt evaluate", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

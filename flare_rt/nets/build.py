@@ -37,7 +37,9 @@ def build_network(architecture: UNetConfig | Mapping[str, Any], deep_supervision
 def network_from_bundle(bundle: "Bundle") -> "UNet":
     """The bundle's U-Net with its weights (read from the ONNX initializers), fp32, eval mode, on the CPU."""
     from ..onnx_graph import initializers
+    from ..precision import require_float_weights
 
+    require_float_weights(bundle.meta, bundle.path, "rebuilding its PyTorch network (torch backend, export)")
     unet = _unet_module()
     net = build_network(bundle.meta.architecture)
     inits = initializers(bundle.load_onnx())
@@ -53,3 +55,24 @@ def network_from_bundle(bundle: "Bundle") -> "UNet":
         state[key] = np.asarray(inits[name], dtype=np.float32)
     unet.load_weights(net, state, allow_missing_auxiliary=True)
     return net.eval()
+
+
+def half_with_fp32_norm(net: "UNet") -> "UNet":
+    """``net`` computing in fp16, its InstanceNorms in fp32 (the largest fp16 error source of 3D U-Nets):
+    each norm takes its input in fp32 and gives fp16 back. Changes ``net`` in place and returns it."""
+    import torch
+    from torch import nn
+
+    class Fp32Norm(nn.Module):
+        def __init__(self, norm: nn.Module):
+            super().__init__()
+            self.norm = norm.float()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(x.float()).to(x.dtype)
+
+    net.half()
+    for module in list(net.modules()):
+        if hasattr(module, "norm") and isinstance(module.norm, nn.modules.instancenorm._InstanceNorm):
+            module.norm = Fp32Norm(module.norm)
+    return net

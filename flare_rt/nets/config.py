@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import ModelError
+from ..labels import NUM_CLASSES
 
 
 @dataclass(frozen=True)
@@ -11,7 +12,7 @@ class UNetConfig:
     """Architecture of a plain-convolution U-Net (nnU-Net ``PlainConvUNet`` kwargs)."""
 
     in_channels: int = 1
-    num_classes: int = 15
+    num_classes: int = NUM_CLASSES
     features_per_stage: tuple[int, ...] = (16, 32, 64, 128, 256)
     kernel_sizes: tuple[tuple[int, int, int], ...] = ((1, 3, 3),) + ((3, 3, 3),) * 4
     strides: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) + ((2, 2, 2),) * 4
@@ -52,12 +53,12 @@ class UNetConfig:
         return cls(**kw)
 
 
-def small_unet_config(num_classes: int = 15) -> UNetConfig:
+def small_unet_config(num_classes: int = NUM_CLASSES) -> UNetConfig:
     """The paper's small network: 16 base features, 2 convs/stage, 4 downsamplings."""
     return UNetConfig(num_classes=num_classes)
 
 
-def big_unet_config(num_classes: int = 15) -> UNetConfig:
+def big_unet_config(num_classes: int = NUM_CLASSES) -> UNetConfig:
     """The paper's big network: 32 base features (capped at 320), 3 convs/stage, 5 downsamplings."""
     feats = tuple(min(32 * 2**i, 320) for i in range(6))
     return UNetConfig(

@@ -98,14 +98,13 @@ class Labeller:
         pred = self.segmenter.predict(volume)
         annotation = None
         if job.annotation is not None:
-            r = volume.reference
-            annotation = read_label(job.annotation, grid_image(volume.array.shape, r.GetSpacing(), r.GetOrigin(),
-                                                               r.GetDirection()))
+            g = volume.geometry
+            annotation = read_label(job.annotation, grid_image(volume.array.shape, g.spacing, g.origin, g.direction))
         merged = merge_pseudo_labels(annotation, job.annotated, pred.labels, job.fill, pred.confidence,
                                      self.spec.confidence_threshold)
-        write_labels(merged.labels, volume.reference, job.out_label)
+        write_labels(merged.labels, volume.geometry, job.out_label)
         if job.out_confidence is not None and pred.confidence is not None:
-            write_labels(pred.confidence, volume.reference, job.out_confidence)
+            write_labels(pred.confidence, volume.geometry, job.out_confidence)
         sources = {str(k): "annotation" for k in job.annotated if k}
         sources.update({str(k): f"{self.spec.stage} model {self.spec.bundle_sha256[:12]}" for k in merged.filled})
         meta = {

@@ -16,10 +16,14 @@ _EXPORTS = {
     "dataset": ("DatasetIndex", "build_index", "index_from_pairs", "load_index", "save_index"),
     "fingerprint": ("Fingerprint", "compute_fingerprint"),
     "loop": ("TrainResult", "train", "validation_scores"),
-    "prepare": ("Prepared", "prepare"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
+__all__ = sorted([*_WHERE, "Prepared", "prepare"])
+
+# Imported here, not on first use: the function ``prepare`` shares its name with its module, and importing the
+# module anywhere would otherwise leave the module, not the function, as ``flare_rt.train.prepare``. (It needs
+# no torch.)
+from .prepare import Prepared, prepare  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:
@@ -37,4 +41,3 @@ if TYPE_CHECKING:  # pragma: no cover
     from .dataset import DatasetIndex, build_index, index_from_pairs, load_index, save_index  # noqa: F401
     from .fingerprint import Fingerprint, compute_fingerprint  # noqa: F401
     from .loop import TrainResult, train, validation_scores  # noqa: F401
-    from .prepare import Prepared, prepare  # noqa: F401

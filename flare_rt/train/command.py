@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flare_rt.errors import BackendUnavailableError, FlareError
+from flare_rt.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -66,37 +66,35 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train (or only prepare); typed errors become one log line and their exit code."""
+    """Train (or only prepare); typed errors go to ``cli.run_command``."""
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: one process logs
         logging.getLogger("flare_rt").setLevel(logging.WARNING)
     try:
-        try:
-            import torch  # noqa: F401
-        except ImportError as exc:
-            raise BackendUnavailableError("flare-rt train needs PyTorch: pip install 'flare-rt[train]'") from exc
-        from flare_rt.train import prepare, train
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError("flare-rt train needs PyTorch: pip install 'flare-rt[train]'") from exc
+    from flare_rt.train import prepare, train
 
-        config = config_from_args(args)
-        if args.prepare_only:
-            p = prepare(config)
-            log.info("prepared %d training and %d validation cases in %s", len(p.train_ids), len(p.val_ids),
-                     p.cache_dir)
-            return 0
-        result = train(config, resume=args.resume)
-    except FlareError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
+    config = config_from_args(args)
+    if args.prepare_only:
+        p = prepare(config)
+        log.info("prepared %d training and %d validation cases in %s", len(p.train_ids), len(p.val_ids),
+                 p.cache_dir)
+        return 0
+    result = train(config, resume=args.resume)
     if result.bundle is not None:
         log.info("bundle written: %s (segment with: flare-rt segment CT OUT --model %s)", result.bundle, result.bundle)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from flare_rt.cli import run_command, setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(prog="flare-rt train", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import ConfigError, InputImageError
 from ..io import Volume, load_volume, read_image
-from ..labels import IGNORE_ID, NAMES
+from ..labels import IGNORE_ID, NAMES, NUM_CLASSES
 from .parallel import parallel_map
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
-NUM_CLASSES = len(NAMES)  # FLARE23: background + 13 organs + tumour
+
 BACKGROUND = 0
 
 
@@ -254,8 +254,8 @@ def load_case(entry: CaseEntry) -> tuple[Volume, np.ndarray | None]:
     volume = load_volume(entry.image)
     if entry.label is None:
         return volume, None
-    r = volume.reference
-    ref = grid_image(volume.array.shape, r.GetSpacing(), r.GetOrigin(), r.GetDirection())
+    g = volume.geometry
+    ref = grid_image(volume.array.shape, g.spacing, g.origin, g.direction)
     return volume, read_label(entry.label, ref)
 
 

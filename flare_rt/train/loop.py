@@ -18,19 +18,18 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ExportVerificationError, FlareError
-from ..labels import NAMES
+from ..labels import NAMES, NUM_CLASSES
 from . import ddp
 from .augment import augment_batch
 from .checkpoint import FINAL, LATEST, check_same_config, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, save_config
-from .dataset import NUM_CLASSES
-from .release import BUNDLE_NAME, bundle_meta, check_patch, export_trained
+from .dice import confusion, dice_from_counts
 from .fingerprint import Fingerprint
 from .loss import segmentation_loss
-from .dice import confusion, dice_from_counts
 from .model import init_network, load_initial_weights
 from .prepare import Prepared, prepare
 from .progress import EpochRecord, plot, write_csv
+from .release import BUNDLE_NAME, bundle_meta, check_patch, export_trained
 from .sampling import TRAIN_STREAM, VAL_STREAM, PatchBatches, SamplerSpec, make_loader
 
 log = logging.getLogger(__name__)

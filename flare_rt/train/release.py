@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__
-from ..bundle import BundleMeta, ResamplingRule
+from ..bundle import DEFAULT_TILE_STEP, BundleMeta, ResamplingRule
 from ..export import default_check_inputs, export_bundle
 from ..labels import NAMES
 from ..nets.unet import UNet
@@ -37,7 +37,7 @@ def bundle_meta(config: TrainConfig, fingerprint: Fingerprint, n_train: int, lr_
         patch_size=tuple(int(v) for v in m.patch_size),  # type: ignore[arg-type]
         normalization=fingerprint.normalization(),
         architecture=arch,
-        tile_step=0.5,
+        tile_step=DEFAULT_TILE_STEP,
         mirror_axes=tuple(a for a in (0, 1, 2) if a != lr_axis),
         tta=m.tta,
         orientation=m.orientation,

@@ -14,11 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
+from ..labels import NUM_CLASSES
 from ..laterality import swap_classes
 from .augment import SampleDraw, draw_sample, source_extent
 from .cache import CachedCase, open_case, unpack
 from .config import AugmentConfig
-from .dataset import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from flare_rt.cli import run_command
 from flare_rt.errors import ConfigError, InputImageError
 from flare_rt.evaluate.command import main, register
 from flare_rt.evaluate.report import CSV_HEADER
@@ -39,10 +40,15 @@ def write(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0
 
 
 def run(*argv: str) -> int:
+    """``flare-rt evaluate ARGV`` through the CLI's error handling (typed errors: one line, exit code)."""
     parser = argparse.ArgumentParser(prog="flare-rt")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["evaluate", *argv])
-    return args.func(args)
+    return run_command(args.func, args)
+
+
+def error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -89,14 +95,13 @@ def test_folders_csv_markdown_plots_and_missing_prediction(tmp_path, caplog, cap
     assert "stray" in caplog.text
 
 
-def test_shape_mismatch_is_one_line_error_naming_both_files(tmp_path, caplog):
+def test_shape_mismatch_is_one_line_error_naming_both_files(tmp_path, capsys):
     gt_file = write(tmp_path / "gt" / "c.nii.gz", labels())
     pred_file = write(tmp_path / "pred" / "c.nii.gz", labels((20, 16, 10)))
-    with caplog.at_level(logging.ERROR):
-        code = run(str(tmp_path / "pred"), str(tmp_path / "gt"), "--no-plots", "--workers", "1")
+    code = run(str(tmp_path / "pred"), str(tmp_path / "gt"), "--no-plots", "--workers", "1")
     assert code == InputImageError.exit_code != 0
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "\n" not in errors[0]
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and errors[0].startswith("flare-rt: error: ")
     assert str(pred_file) in errors[0] and str(gt_file) in errors[0] and "--resample-pred" in errors[0]
 
 
@@ -149,7 +154,7 @@ def test_options_reach_the_scores(tmp_path):
 @pytest.mark.parametrize(
     "kind", ["corrupt_gzip", "truncated_tail", "non_integer", "four_d", "missing_file", "negative"]
 )
-def test_bad_input_is_a_typed_error_naming_the_file(tmp_path, caplog, kind):
+def test_bad_input_is_a_typed_error_naming_the_file(tmp_path, capsys, kind):
     gt_file = write(tmp_path / "gt" / "c.nii.gz", labels())
     bad = tmp_path / "pred" / "c.nii.gz"
     bad.parent.mkdir()
@@ -167,14 +172,13 @@ def test_bad_input_is_a_typed_error_naming_the_file(tmp_path, caplog, kind):
     elif kind == "negative":
         write(bad, labels().astype(np.int16) - 1)
     pred_arg = bad if kind != "missing_file" else tmp_path / "pred" / "nothing.nii.gz"
-    with caplog.at_level(logging.ERROR):
-        code = run(str(pred_arg), str(gt_file), "--no-plots")
+    code = run(str(pred_arg), str(gt_file), "--no-plots")
     assert code == InputImageError.exit_code
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and str(pred_arg) in errors[0]
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and errors[0].startswith("flare-rt: error: ") and str(pred_arg) in errors[0]
 
 
-def test_folder_and_file_mixed_is_a_config_error(tmp_path, caplog):
+def test_folder_and_file_mixed_is_a_config_error(tmp_path):
     write(tmp_path / "gt" / "c.nii.gz", labels())
     code = run(str(tmp_path / "gt" / "c.nii.gz"), str(tmp_path / "gt"), "--no-plots")
     assert code == ConfigError.exit_code

@@ -1,26 +1,22 @@
 """Real label map (TotalSegmentator, FLARE ids) against perturbed copies: fast == whole volume."""
 from __future__ import annotations
 
-from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from scipy import ndimage
 
 from flare_rt.evaluate import EvaluationOptions, evaluate_case, evaluate_folders, read_label_map
 from flare_rt.evaluate.reference import reference_score_case
+from flare_rt.resources import shared_data_dir
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-LABELS = DATA / "ts_example_ct_sm_seg_flare.nii.gz"
+LABELS = shared_data_dir() / "ts_example_ct_sm_seg_flare.nii.gz"
 ANISOTROPIC = (0.78, 1.1, 2.5)  # x, y, z: makes a wrong axis order visible
 
-pytestmark = pytest.mark.skipif(
-    not LABELS.is_file(), reason=f"real data not found at {LABELS} (shared/data beside the repo)"
-)
-
-
 @pytest.fixture(scope="module")
-def gt() -> np.ndarray:
+def gt(shared_data) -> np.ndarray:
     return read_label_map(LABELS).array
 
 
@@ -51,7 +47,6 @@ PERTURBATIONS = {"eroded": eroded, "shifted": shifted, "organ_removed": organ_re
 
 
 def test_real_file_reads_like_nibabel(gt):
-    nib = pytest.importorskip("nibabel", reason="nibabel cross-checks the axis order")
     image = nib.load(str(LABELS))
     assert np.array_equal(gt, np.asarray(image.dataobj))
     assert read_label_map(LABELS).spacing == tuple(float(z) for z in image.header.get_zooms())
@@ -81,8 +76,6 @@ def test_fast_matches_whole_volume_reference(gt, name, spacing):
 def test_folders_with_anisotropic_headers_match_reference_on_nibabel_arrays(gt, tmp_path):
     """Files written with spacing (0.78, 1.1, 2.5), read back by the package (SimpleITK) and by
     nibabel (as the official script): same numbers, so z and the spacing order are right."""
-    sitk = pytest.importorskip("SimpleITK")
-    nib = pytest.importorskip("nibabel", reason="nibabel is the official script's reader")
     (tmp_path / "gt").mkdir()
     (tmp_path / "pred").mkdir()
     reference = sitk.ReadImage(str(LABELS))

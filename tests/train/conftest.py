@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the training tests need PyTorch (pip install -e '.[dev]')")
 
-REAL_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,10 +27,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def real_data() -> Path:
-    if not (REAL_DATA / "ts_example_ct_sm.nii.gz").is_file() or not (REAL_DATA / "ts_dicom").is_dir():
-        pytest.skip(f"real CT data not found at {REAL_DATA} (the shared/data folder beside the repository)")
-    return REAL_DATA
+def real_data(shared_data) -> Path:
+    return shared_data
 
 
 @pytest.fixture(scope="session")

@@ -33,15 +33,12 @@ from flare_rt.train import (AugmentConfig, DataConfig, OptimConfig, RuntimeConfi
 from flare_rt.train.release import bundle_meta
 from flare_rt.train.loop import validation_scores
 from flare_rt.train.model import init_network, inference_network
+from agreement import dice
 
 pytestmark = pytest.mark.slow
 
 LIVER, SPLEEN = 1, 3
 EPOCHS, ITERATIONS = 8, 40
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,34 @@
+#!/bin/sh
+# Trained model -> verified fp32 and fp16 flare-rt bundles. flare_rt/export.py does the work: each
+# bundle is checked against the PyTorch network at export time, and the export fails (no file)
+# when it disagrees beyond the stated tolerance.
+#
+#   export/bundles.sh SOURCE OUT_DIR [NAME]
+#     SOURCE  an nnU-Net v2 model folder (plans.json, fold_X/checkpoint_final.pth), or a flare-rt
+#             bundle: `flare-rt train` ends by writing its verified fp32 bundle, OUTPUT/model.onnx
+#     writes  OUT_DIR/NAME_fp32.onnx and OUT_DIR/NAME_fp16.onnx (InstanceNorm kept in fp32)
+#   FLARE_RT_IMPORT_ARGS  more `flare-rt import-nnunet` options (e.g. "--fold 0 --demo")
+#   FLARE_RT_PYTHON       the Python with flare-rt and its torch extra (default python3)
+set -eu
+
+usage="usage: export/bundles.sh SOURCE OUT_DIR [NAME]"
+src=${1:?$usage}
+out=${2:?$usage}
+name=${3:-$(basename "$src" .onnx)}
+python=${FLARE_RT_PYTHON:-python3}
+
+mkdir -p "$out"
+for precision in fp32 fp16; do
+    target="$out/${name}_$precision.onnx"
+    if [ -f "$src/plans.json" ]; then
+        # FLARE_RT_IMPORT_ARGS is split into words on purpose (several options).
+        # shellcheck disable=SC2086
+        "$python" -m flare_rt import-nnunet "$src" "$target" --precision "$precision" ${FLARE_RT_IMPORT_ARGS:-}
+    elif [ -f "$src" ]; then
+        "$python" -m flare_rt export "$src" "$target" --precision "$precision"
+    else
+        echo "export/bundles.sh: $src is neither an nnU-Net model folder (with plans.json) nor a bundle file" >&2
+        exit 2
+    fi
+    "$python" -m flare_rt info "$target"
+done
