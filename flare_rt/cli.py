@@ -286,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_train(sub)
     register_build_engine(sub)
     from .quantize import register as register_quantize
+    from .stages.command import register as register_pipeline
 
     register_quantize(sub)
+    register_pipeline(sub)
     return p
 
 

@@ -44,3 +44,10 @@ COLORS: dict[int, tuple[int, int, int]] = {lab.id: lab.color for lab in FLARE23_
 NSD_TOLERANCE_MM: dict[int, float] = {
     lab.id: lab.nsd_tolerance_mm for lab in FLARE23_LABELS if lab.nsd_tolerance_mm is not None
 }
+
+#: Per-voxel "ignore" label of training label maps (e.g. low-confidence pseudo-labels): not background,
+#: not a class; it carries no loss, is never sampled as foreground and is never scored.
+IGNORE_ID = 255
+#: Classes that swap when the patient's left-right axis is mirrored: (right kidney, left kidney),
+#: (right adrenal, left adrenal).
+LATERAL_PAIRS: tuple[tuple[int, int], ...] = ((2, 13), (7, 8))

@@ -14,6 +14,7 @@ import numpy as np
 
 from .atomic import split_suffix
 from .bundle import DEFAULT_TILE_STEP, Bundle
+from .confidence import ConfidenceRows
 from .errors import ConfigError, ResourceError
 from .gpu import DeviceClock, free_cached_memory, is_device, is_out_of_memory, synchronize
 from .io import Volume, load_volume, write_labels, write_probabilities
@@ -88,6 +89,7 @@ class SegmentOptions:
     series_uid: str | None = None
     fast: FastOptions | None = None  # fast mode's settings (None: defaults); an error in faithful mode
     network_labels: bool = False  # also keep the argmax of the blended logits at network resolution
+    confidence: bool = False  # also return the winning class's softmax probability as uint8 (Prediction.confidence)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -113,6 +115,7 @@ class Prediction:
     tiles: int
     network_shape: tuple[int, int, int]
     network_labels: np.ndarray | None = None  # (network_shape) uint8 argmax before resampling, when asked for
+    confidence: np.ndarray | None = None  # (z, y, x) uint8, round(255 * max softmax), when asked for
 
 
 class StageTimer:
@@ -194,8 +197,8 @@ class Segmenter:
         window = self.window
         while True:
             try:
-                labels, probs, tiles, net_labels = self._window_and_labels(data, window, keep, back, crop, arr.shape,
-                                                                           timer)
+                labels, probs, conf, tiles, net_labels = self._window_and_labels(data, window, keep, back, crop,
+                                                                                 arr.shape, timer)
                 break
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
                 if not is_out_of_memory(exc):
@@ -213,10 +216,13 @@ class Segmenter:
             labels = to_host(xp.ascontiguousarray(reo.invert(labels.transpose(meta.transpose_backward))))
             if probs is not None:
                 probs = to_host(xp.stack([reo.invert(p.transpose(meta.transpose_backward)) for p in probs]))
-        return Prediction(labels, probs, dict(timer.t), tiles, tuple(net_shape), net_labels)
+            if conf is not None:
+                conf = to_host(xp.ascontiguousarray(reo.invert(conf.transpose(meta.transpose_backward))))
+        return Prediction(labels, probs, dict(timer.t), tiles, tuple(net_shape), net_labels, conf)
 
     def _window_and_labels(self, data, window: WindowConfig, keep, back, crop: CropInfo, full_shape, timer):
-        """Sliding window and the way back, streamed: labels (and probabilities) on the uncropped grid."""
+        """Sliding window and the way back, streamed: labels (and probabilities, confidence) on the uncropped
+        grid."""
         xp, meta, opts = self.xp, self.bundle.meta, self.options
         fast = opts.fast_options
         clock, n_tiles = DeviceClock(xp), [0]
@@ -237,19 +243,25 @@ class Segmenter:
             if net_labels is not None:
                 blocks = _keep_argmax(blocks, net_labels)
             labels = xp.zeros(full_shape, dtype=np.uint8)  # written in place: no paste copy
-            if fast and fast.label_upsampling and not opts.probabilities and refinable(back):
+            conf = None
+            if fast and fast.label_upsampling and not opts.probabilities and not opts.confidence and refinable(back):
                 labels_refined(blocks, back, out=labels[crop.slices])
                 probs = None
             else:
-                _, probs = labels_faithful(blocks, back, meta.num_classes, opts.probabilities, out=labels[crop.slices])
+                rows = ConfidenceRows(back.out_shape) if opts.confidence else None
+                _, probs = labels_faithful(blocks, back, meta.num_classes, opts.probabilities, out=labels[crop.slices],
+                                           on_plane=rows)
                 if probs is not None:
                     probs = paste_probabilities(probs, crop)
+                if rows is not None:  # certain background outside the crop, as the probabilities
+                    conf = xp.full(full_shape, 255, dtype=np.uint8)
+                    conf[crop.slices] = rows.array
             if timer.sync is not None:
                 timer.sync()
         network_s = clock.seconds()
         timer.t["network"] = timer.t.get("network", 0.0) + network_s
         timer.t["blend+resample"] = timer.t.get("blend+resample", 0.0) + time.perf_counter() - t0 - network_s
-        return labels, probs, n_tiles[0], net_labels
+        return labels, probs, conf, n_tiles[0], net_labels
 
     def _tile_filter(self, cropped, net_shape, threshold_hu: float):
         """Fast mode: keep only tiles that contain body voxels (above ``threshold_hu``). The image is sampled

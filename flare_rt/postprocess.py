@@ -45,12 +45,13 @@ def streams(plan: ResamplePlan) -> bool:
 
 
 def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want_probabilities: bool = False,
-                    compute_dtype=np.float32, out=None):
+                    compute_dtype=np.float32, out=None, on_plane=None):
     """Consume ``(z0, z1, logits_block)`` in row order; return uint8 labels of ``plan.out_shape``
-    (written into ``out`` if given) and float16 probabilities if asked."""
+    (written into ``out`` if given) and float16 probabilities if asked. ``on_plane(row, logits)``, if given,
+    sees the resampled (K, Y, X) logits of every output row (e.g. :class:`flare_rt.confidence.ConfidenceRows`)."""
     out_shape = plan.out_shape
     if not streams(plan):  # rare (isotropic or x/y-anisotropic models): resample per class, running argmax
-        labels, probs = _labels_per_class(blocks, plan, num_classes, want_probabilities, compute_dtype)
+        labels, probs = _labels_per_class(blocks, plan, num_classes, want_probabilities, compute_dtype, on_plane)
         if out is not None:
             out[...] = labels
             labels = out
@@ -69,13 +70,15 @@ def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want
         if want_probabilities and probs is None:
             probs = xp.zeros((num_classes, *out_shape), dtype=np.float16)
         labels[k] = planes.argmax(0)
+        if on_plane is not None:
+            on_plane(k, planes)
         if want_probabilities:
             probs[:, k] = softmax(planes).astype(np.float16)
     return labels, probs
 
 
 def _labels_per_class(blocks: Iterable, plan: ResamplePlan, num_classes: int, want_probabilities: bool,
-                      compute_dtype):
+                      compute_dtype, on_plane=None):
     full = None
     for z0, z1, blk in blocks:
         xp = array_module(blk)
@@ -84,9 +87,10 @@ def _labels_per_class(blocks: Iterable, plan: ResamplePlan, num_classes: int, wa
         full[:, z0:z1] = blk
     xp = array_module(full)
     best = best_idx = probs = None
+    keep = want_probabilities or on_plane is not None
     for c in range(num_classes):
         r = resample(full[c:c + 1], plan, out_dtype=np.float32, compute_dtype=compute_dtype)[0]
-        if want_probabilities:
+        if keep:
             if probs is None:
                 probs = xp.empty((num_classes, *plan.out_shape), dtype=np.float32)
             probs[c] = r
@@ -96,8 +100,10 @@ def _labels_per_class(blocks: Iterable, plan: ResamplePlan, num_classes: int, wa
             better = r > best
             best = xp.where(better, r, best)
             best_idx[better] = c
-    if want_probabilities:
-        probs = softmax(probs).astype(np.float16)
+    if on_plane is not None:
+        for k in range(plan.out_shape[0]):
+            on_plane(k, probs[:, k])
+    probs = softmax(probs).astype(np.float16) if want_probabilities else None
     return best_idx, probs
 
 

@@ -30,6 +30,7 @@ class SampleDraw:
     brightness: float  # additive
     gamma: float  # 1: off
     gamma_invert: bool
+    flips: tuple[float, float, float] = (1.0, 1.0, 1.0)  # -1 where the axis is mirrored
 
 
 def control_grid(patch: Triple, spacing, grid_mm: float) -> Triple:
@@ -71,7 +72,7 @@ def draw_sample(rng: np.random.Generator, cfg: AugmentConfig, spacing, patch: Tr
         gamma = rng.uniform(lo, 1.0) if (rng.random() < 0.5 and lo < 1) else rng.uniform(max(lo, 1.0), hi)
         invert = bool(rng.random() < cfg.p_gamma_invert)
     return SampleDraw(spatial_matrix(angles, zoom, flips, spacing).astype(np.float32), elastic, brightness,
-                      float(gamma), invert)
+                      float(gamma), invert, tuple(flips))  # type: ignore[arg-type]
 
 
 def source_extent(draw: SampleDraw, patch: Triple) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +104,8 @@ def sampling_grid(centre, matrix, elastic, patch: Triple, region_shape):
 
 
 def warp(image, labels, grid):
-    """Trilinear image, nearest labels, both through ``grid`` (zeros outside the region)."""
+    """Trilinear image, nearest labels (the ignore label included), both through ``grid`` (zeros outside
+    the region)."""
     import torch.nn.functional as F
 
     out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
@@ -135,13 +137,30 @@ def gamma(image, gammas, invert, eps: float = 1e-7):
     return torch.where(active, y * sign, image)
 
 
+def swap_sides(labels, swap):
+    """Labels (B, 1, ...) with right/left kidney and adrenal exchanged in the patches where ``swap`` (B,)
+    is set (those mirrored along the patient's left-right axis); the ignore label is kept."""
+    import torch
+
+    from ..laterality import swap_table
+
+    if not bool(swap.any()):
+        return labels
+    lut = torch.from_numpy(swap_table()).to(labels.device)
+    swapped = lut[labels.long()].to(labels.dtype)
+    return torch.where(swap.view(-1, *([1] * (labels.ndim - 1))), swapped, labels)
+
+
 def augment_batch(batch: dict, patch: Triple) -> tuple:
     """Warp and intensity-augment a sampled batch (tensors on the target device) to ``patch``.
 
     ``batch``: image (B, C, *region) float, labels (B, 1, *region), centre (B, 3), matrix (B, 3, 3),
-    elastic (B, 3, ...), brightness (B,), gamma (B,), gamma_invert (B,) bool."""
+    elastic (B, 3, ...), brightness (B,), gamma (B,), gamma_invert (B,) bool, and optionally swap_lr (B,)
+    bool: the patches mirrored along the patient's left-right axis, whose lateral labels are swapped."""
     grid = sampling_grid(batch["centre"], batch["matrix"], batch["elastic"], patch, batch["image"].shape[2:])
     image, labels = warp(batch["image"], batch["labels"], grid)
+    if "swap_lr" in batch:
+        labels = swap_sides(labels, batch["swap_lr"])
     if bool((batch["brightness"] != 0).any()):
         image = brightness(image, batch["brightness"])
     if bool(((batch["gamma"] != 1) | batch["gamma_invert"]).any()):

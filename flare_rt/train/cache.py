@@ -21,6 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..bundle import CTNormalization, ResamplingRule
+from ..labels import IGNORE_ID
 from ..orientation import plan_reorientation
 from ..preprocess import compute_new_shape, ct_normalize, nonzero_crop
 from ..resample import ResamplePlan, make_plan, resample
@@ -77,11 +78,12 @@ def resample_labels(labels: np.ndarray, plan: ResamplePlan) -> np.ndarray:
 
 
 def class_locations(labels: np.ndarray, seed: int = 1234) -> dict[int, np.ndarray]:
-    """nnU-Net's foreground index: up to 10,000 voxels per class (at least 1 % of the class), sampled."""
+    """nnU-Net's foreground index: up to 10,000 voxels per class (at least 1 % of the class), sampled.
+    Ignored voxels are no class: they are never a foreground centre."""
     rng = np.random.default_rng(seed)
     out = {}
     for c in np.unique(labels).tolist():
-        if c == 0:
+        if c in (0, IGNORE_ID):
             continue
         where = np.argwhere(labels == c).astype(np.int32)
         n = min(len(where), max(MAX_LOCATIONS, int(np.ceil(len(where) * MIN_LOCATION_FRACTION))))

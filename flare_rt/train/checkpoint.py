@@ -72,7 +72,8 @@ FREE_TO_CHANGE = {"output": None, "runtime": ("progress", "num_workers", "thread
                   "data": ("preprocess_workers",)}
 
 
-def _binding(config: dict) -> dict:
+def result_binding(config: dict) -> dict:
+    """A config dict without the settings in :data:`FREE_TO_CHANGE`: what decides the trained result."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items() if k != "output"}
     for section, keys in FREE_TO_CHANGE.items():
         for key in keys or ():
@@ -83,7 +84,7 @@ def _binding(config: dict) -> dict:
 def check_same_config(ckpt: dict, config: dict, path: Path) -> None:
     """A resumed run must use the configuration that wrote the checkpoint (else the schedule differs),
     except for the settings in :data:`FREE_TO_CHANGE`."""
-    old, new = _binding(ckpt.get("config") or {}), _binding(config)
+    old, new = result_binding(ckpt.get("config") or {}), result_binding(config)
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ConfigError(f"{path} was written with a different configuration (sections {diff} differ); resume "

@@ -241,9 +241,13 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class LossConfig:
     """Dice + cross-entropy with deep supervision. ``marginal``: classes a case does not annotate are
-    merged into background (for partial labels); a fully annotated case gets the plain loss either way."""
+    merged into background (for partial labels); a fully annotated case gets the plain loss either way.
+    ``never_annotated_absent``: a class that no training case annotates is learnt as absent everywhere,
+    as nnU-Net's network has no output for a class its dataset lacks (left out of every case, its output
+    would be untrained and could win the argmax anywhere, e.g. a tumour output of an organs-only model)."""
 
     marginal: bool = True
+    never_annotated_absent: bool = True
     ce_weight: float = 1.0
     dice_weight: float = 1.0
     batch_dice: bool = True

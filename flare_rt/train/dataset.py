@@ -19,7 +19,7 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import ConfigError, InputImageError
 from ..io import Volume, load_volume, read_image
-from ..labels import NAMES, NUM_CLASSES
+from ..labels import IGNORE_ID, NAMES, NUM_CLASSES
 from .parallel import parallel_map
 
 log = logging.getLogger(__name__)
@@ -231,9 +231,10 @@ def read_label(path: str | Path, image_reference) -> np.ndarray:
     if array.dtype.kind == "f":
         if not np.array_equal(array, np.round(array)):
             raise InputImageError(f"{path}: label map holds non-integer values")
-    lo, hi = int(array.min()), int(array.max())
-    if lo < 0 or hi >= NUM_CLASSES:
-        raise InputImageError(f"{path}: label values {lo}..{hi} are outside the FLARE23 table 0..{NUM_CLASSES - 1}")
+    bad = label_values_outside(np.unique(array))
+    if bad:
+        raise InputImageError(f"{path}: label values {bad} are outside the FLARE23 table 0..{NUM_CLASSES - 1} "
+                              f"(and {IGNORE_ID}, ignore)")
     return array.astype(np.uint8, copy=False)
 
 
@@ -256,6 +257,11 @@ def load_case(entry: CaseEntry) -> tuple[Volume, np.ndarray | None]:
     g = volume.geometry
     ref = grid_image(volume.array.shape, g.spacing, g.origin, g.direction)
     return volume, read_label(entry.label, ref)
+
+
+def label_values_outside(values: np.ndarray) -> list[int]:
+    """Values of a label map that are neither FLARE23 classes nor the ignore label."""
+    return [int(v) for v in values if not (0 <= v < NUM_CLASSES or v == IGNORE_ID)]
 
 
 def check_annotated(case_id: str, present: Sequence[int], annotated: Sequence[int]) -> tuple[int, ...]:
@@ -285,9 +291,10 @@ def describe_case(job: tuple[CaseSource, tuple[int, ...] | None]) -> CaseEntry:
             raise InputImageError(f"{src.label}: the label is not on its image's grid ({bad}); resample it onto "
                                   "the image (SimpleITK.Resample(label, image, Transform(), sitkNearestNeighbor))")
         values = np.unique(sitk.GetArrayViewFromImage(label))
-        if values.min() < 0 or values.max() >= NUM_CLASSES:
-            raise InputImageError(f"{src.label}: label values {values.tolist()} outside 0..{NUM_CLASSES - 1}")
-        present = tuple(int(v) for v in values)
+        if label_values_outside(values):
+            raise InputImageError(f"{src.label}: label values {values.tolist()} outside 0..{NUM_CLASSES - 1} "
+                                  f"(and {IGNORE_ID}, ignore)")
+        present = tuple(int(v) for v in values if v != IGNORE_ID)
     if src.label is None:
         annotated, how = (), "unlabelled"
     elif declared is not None:

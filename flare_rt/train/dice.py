@@ -6,12 +6,17 @@ import math
 
 import torch
 
+from ..labels import IGNORE_ID
+
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(3, C) float64 counts [tp, fp, fn] of labels ``pred`` vs ``target`` (B, ...) in annotated patches."""
+    """(3, C) float64 counts [tp, fp, fn] of labels ``pred`` vs ``target`` (B, ...) in annotated patches;
+    voxels whose target is ``IGNORE_ID`` are not counted."""
     b = pred.shape[0]
-    p = torch.nn.functional.one_hot(pred.reshape(b, -1).long(), num_classes).bool()
-    t = torch.nn.functional.one_hot(target.reshape(b, -1).long(), num_classes).bool()
+    target = target.reshape(b, -1).long()
+    valid = (target != IGNORE_ID)[..., None]
+    p = torch.nn.functional.one_hot(pred.reshape(b, -1).long(), num_classes).bool() & valid
+    t = torch.nn.functional.one_hot(torch.where(valid[..., 0], target, 0), num_classes).bool() & valid
     tp = (p & t).sum(1)
     fp = (p & ~t).sum(1)
     fn = (~p & t).sum(1)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..bundle import CTNormalization
 from ..errors import ConfigError
+from ..labels import IGNORE_ID
 from ..preprocess import nonzero_crop
 from .dataset import CaseEntry, load_case
 from .parallel import parallel_map
@@ -64,7 +65,8 @@ def case_statistics(entry: CaseEntry, samples: int = SAMPLES_PER_CASE, seed: int
     if labels is None:
         raise ConfigError(f"case {entry.id} has no label; the fingerprint uses labelled cases only")
     crop = nonzero_crop(volume.array)
-    image, fg = volume.array[crop.slices], labels[crop.slices] > 0
+    lab = labels[crop.slices]
+    image, fg = volume.array[crop.slices], (lab > 0) & (lab != IGNORE_ID)
     values = image[fg]
     rng = np.random.default_rng(seed)
     picked = rng.choice(values, samples, replace=True) if values.size else np.empty(0, np.float32)

@@ -300,8 +300,8 @@ def _finish(config: TrainConfig, prepared: Prepared, run: _Run, out: Path) -> Pa
     final.write_bytes((out / LATEST).read_bytes())
     if not config.runtime.export:
         return None
-    meta = bundle_meta(config, prepared.fingerprint, len(prepared.train_ids))
-    patch = check_patch(prepared.cache_dir, prepared.train_ids[0], config.model.patch_size)
+    meta = bundle_meta(config, prepared.fingerprint, len(prepared.train_ids), prepared.lr_axis())
+    patch = check_patch(prepared.cache_dir, prepared.train_ids, config.model.patch_size)
     try:
         return export_trained(run.net, meta, out / BUNDLE_NAME, patch)
     except ExportVerificationError as exc:

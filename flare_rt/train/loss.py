@@ -5,7 +5,8 @@ loss therefore scores the network's probability of "background or any unannotate
 patch the probabilities of its unannotated classes are summed into background (CE) and those classes
 are left out of the Dice. Moving probability between background and an unannotated class leaves the
 loss unchanged, so nothing teaches the network that ``k`` is background. For a fully annotated patch
-the marginal loss is the plain loss exactly.
+the marginal loss is the plain loss exactly. Voxels labelled ``IGNORE_ID`` (e.g. low-confidence
+pseudo-labels) count in neither term.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..labels import IGNORE_ID
 from .config import LossConfig
 
 
@@ -55,16 +57,27 @@ def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, annotated: torch.Tensor
 
 
 def dice_ce(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor | None, cfg: LossConfig) -> torch.Tensor:
-    """Dice + CE of one output. ``target`` (B, 1, ...) or (B, ...) integer labels."""
+    """Dice + CE of one output. ``target`` (B, 1, ...) or (B, ...) integer labels; voxels labelled
+    ``IGNORE_ID`` are left out of both terms (no loss, no gradient)."""
     if target.ndim == logits.ndim:
         target = target[:, 0]
     target = target.long()
     b, c = logits.shape[:2]
     ann = torch.ones(b, c, dtype=torch.bool, device=logits.device) if annotated is None else annotated.bool()
     logp = merged_log_probs(logits, ann)
-    ce = F.nll_loss(logp, target)
-    onehot = torch.zeros_like(logp).scatter_(1, target[:, None], 1.0)
-    dice = soft_dice(logp.exp(), onehot, ann, cfg.batch_dice, cfg.smooth)
+    valid = target != IGNORE_ID
+    if bool(valid.all()):
+        ce = F.nll_loss(logp, target)
+        onehot = torch.zeros_like(logp).scatter_(1, target[:, None], 1.0)
+        probs = logp.exp()
+    else:
+        target = torch.where(valid, target, 0)
+        nll = torch.where(valid, -logp.gather(1, target[:, None])[:, 0], 0.0)
+        ce = nll.sum() / valid.sum().clamp(min=1)
+        keep = valid[:, None].to(logp.dtype)
+        onehot = torch.zeros_like(logp).scatter_(1, target[:, None], 1.0) * keep
+        probs = logp.exp() * keep
+    dice = soft_dice(probs, onehot, ann, cfg.batch_dice, cfg.smooth)
     return cfg.ce_weight * ce + cfg.dice_weight * dice
 
 

@@ -6,9 +6,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..laterality import common_lr_axis, lr_axis
 from .cache import CacheSpec, build_cache, unpack
 from .config import TrainConfig
-from .dataset import DatasetIndex, build_index, load_index, read_annotations, save_index, split_cases
+from .dataset import (NUM_CLASSES, DatasetIndex, build_index, load_index, read_annotations, save_index,
+                      split_cases)
 from .fingerprint import Fingerprint, load_or_compute_fingerprint
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,16 @@ class Prepared:
     fingerprint: Fingerprint
     cache_dir: Path
     spec: CacheSpec
+    absent: tuple[int, ...] = ()  # classes no training case annotates, learnt as absent in every case
 
-    def cases(self, ids) -> list[tuple[str, tuple[int, ...]]]:
-        return [(i, self.index.case(i).annotated) for i in ids]
+    def cases(self, ids) -> list[tuple[str, tuple[int, ...], int]]:
+        """``(id, annotated classes, left-right array axis)`` of each case, as the sampler takes them."""
+        return [(i, tuple(sorted(set(self.index.case(i).annotated) | set(self.absent))),
+                 lr_axis(self.index.case(i).direction, self.spec.orientation)) for i in ids]
+
+    def lr_axis(self) -> int | None:
+        """The left-right array axis of the training cases, or None where they disagree."""
+        return common_lr_axis([c[2] for c in self.cases(self.train_ids)])
 
 
 def index_path(config: TrainConfig) -> Path:
@@ -71,4 +80,13 @@ def prepare(config: TrainConfig, progress: bool = True) -> Prepared:
     for case_id in needed:  # the memory-mapped copies training reads
         unpack(cache, case_id)
     log.info("%d training and %d validation cases, cache %s", len(train_ids), len(val_ids), cache)
-    return Prepared(index, train_ids, val_ids, fp, cache, spec)
+    absent = never_annotated(index, train_ids) if config.loss.never_annotated_absent else ()
+    if absent:
+        log.info("classes no training case annotates, learnt as absent: %s", list(absent))
+    return Prepared(index, train_ids, val_ids, fp, cache, spec, absent)
+
+
+def never_annotated(index: DatasetIndex, ids) -> tuple[int, ...]:
+    """The classes that none of the cases ``ids`` annotates."""
+    seen = {k for i in ids for k in index.case(i).annotated}
+    return tuple(k for k in range(NUM_CLASSES) if k not in seen)

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..labels import NUM_CLASSES
+from ..laterality import swap_classes
 from .augment import SampleDraw, draw_sample, source_extent
 from .cache import CachedCase, open_case, unpack
 from .config import AugmentConfig
@@ -88,13 +89,17 @@ def _pad_to(a: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 class PatchBatches:
     """Map-style dataset: ``batches[i]`` is batch ``i`` of one stream (dict of CPU tensors).
 
-    Cases are opened lazily in each worker process (memory maps are not sent between processes)."""
+    ``cases``: ``(id, annotated classes[, left-right array axis])``; a patch mirrored along its case's
+    left-right axis gets its lateral labels swapped (``swap_lr``). Cases are opened lazily in each worker
+    process (memory maps are not sent between processes)."""
 
-    def __init__(self, cache_dir: str | Path, cases: Sequence[tuple[str, Sequence[int]]], spec: SamplerSpec,
+    def __init__(self, cache_dir: str | Path, cases: Sequence[tuple], spec: SamplerSpec,
                  seed: int, rank: int = 0, stream: int = TRAIN_STREAM):
         if not cases:
             raise ValueError("PatchBatches needs at least one case")
-        self.cache_dir, self.cases, self.spec = str(cache_dir), [(i, tuple(a)) for i, a in cases], spec
+        self.cache_dir, self.spec = str(cache_dir), spec
+        self.cases = [(c[0], tuple(c[1])) for c in cases]
+        self.lr_axes = [c[2] if len(c) > 2 else None for c in cases]
         self.seed, self.rank, self.stream = int(seed), int(rank), int(stream)
         self._open: dict[str, CachedCase] = {}
 
@@ -121,9 +126,10 @@ class PatchBatches:
 
         rng, spec = self.rng(index), self.spec
         patch = tuple(spec.patch)
-        images, labels, centres, draws, annotated = [], [], [], [], []
+        images, labels, centres, draws, annotated, swaps = [], [], [], [], [], []
         for _ in range(spec.batch_size):
-            case = self.case(int(rng.integers(len(self.cases))))
+            k = int(rng.integers(len(self.cases)))
+            case = self.case(k)
             foreground = bool(rng.random() < spec.oversample_foreground)
             origin = choose_origin(rng, case, patch, foreground)
             if spec.augment is None:
@@ -135,13 +141,16 @@ class PatchBatches:
             labels.append(extract(case.labels, lo, hi, 0))
             centres.append(centre)
             draws.append(draw)
-            annotated.append(annotated_mask(case.annotated))
+            swap = draw is not None and self.lr_axes[k] is not None and draw.flips[self.lr_axes[k]] < 0
+            annotated.append(annotated_mask(swap_classes(case.annotated) if swap else case.annotated))
+            swaps.append(swap)
         shape = np.max([a.shape for a in images], axis=0)
         out = {"image": torch.from_numpy(np.stack([_pad_to(a, shape) for a in images])[:, None]),
                "labels": torch.from_numpy(np.stack([_pad_to(a, shape) for a in labels])[:, None]),
                "annotated": torch.from_numpy(np.stack(annotated))}
         if spec.augment is not None:
             out.update(draws_to_tensors(draws, centres))
+            out["swap_lr"] = torch.tensor(swaps, dtype=torch.bool)
         return out
 
 

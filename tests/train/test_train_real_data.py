@@ -102,7 +102,7 @@ def test_tiny_network_learns_liver_and_spleen_and_its_bundle_segments(real_data,
     fp = result.fingerprint
     assert bundle.labels == NAMES and bundle.spacing == (4.0, 2.4, 2.4) and bundle.patch_size == (16, 64, 64)
     assert (bundle.normalization.mean, bundle.normalization.lower) == (fp.mean, fp.percentile_00_5)
-    assert bundle.mirror_axes == (0, 1, 2) and bundle.orientation == "LPS" and bundle.precision == "fp32"
+    assert bundle.mirror_axes == (0, 1) and bundle.orientation == "LPS" and bundle.precision == "fp32"  # LPS: x is L-R
 
     out = tmp_path / "patient_b.nii.gz"
     assert cli_main(["segment", str(real_data / "ts_dicom"), str(out), "--model", str(result.bundle),
