@@ -44,11 +44,20 @@ def _ov():
     return openvino
 
 
+def cpu_core():
+    """An OpenVINO ``Core`` with its CPU plugin loaded. Loading the plugin is what swaps this thread's
+    alternate signal stack (compiling and inferring do not), so it happens here, with the stack kept
+    (:mod:`flare_rt.sigstack`)."""
+    with kept_signal_stack():
+        core = _ov().Core()
+        core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return core
+
+
 def cpu_has_bf16(core=None) -> bool:
     """Whether OpenVINO's CPU plugin has bf16 kernels here (AVX512_BF16 or AMX)."""
-    with kept_signal_stack():  # loading the CPU plugin swaps this thread's signal stack (flare_rt.sigstack)
-        core = core or _ov().Core()
-        return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    core = core or cpu_core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def compute_precision(bundle_precision: str, asked: str | None, has_bf16: bool) -> tuple[str, str | None]:
@@ -73,9 +82,8 @@ class OpenVinoBackend(Backend):
             raise BackendUnavailableError(f"the openvino backend runs on the CPU, not {options.device}; "
                                           "use --device cpu or another backend")
         self._ov = ov
-        self._core = ov.Core()
-        self.compute, note = compute_precision(bundle.meta.precision, options.precision,
-                                               cpu_has_bf16(self._core))  # loads the CPU plugin
+        self._core = cpu_core()
+        self.compute, note = compute_precision(bundle.meta.precision, options.precision, cpu_has_bf16(self._core))
         if note:
             log.info("%s", note)
         model = to_fp32(bundle.load_onnx())
@@ -94,13 +102,11 @@ class OpenVinoBackend(Backend):
         if req is None:
             model = self._model.clone()
             model.reshape([batch, int(self._model.inputs[0].partial_shape[1].get_length()), *self._patch])
-            with kept_signal_stack():  # see flare_rt.sigstack: OpenVINO swaps this thread's signal stack
-                compiled = self._core.compile_model(model, "CPU", self._config)
-                req = compiled.create_infer_request()
+            compiled = self._core.compile_model(model, "CPU", self._config)
             got, want = compiled.get_property("INFERENCE_PRECISION_HINT"), getattr(self._ov.Type, HINTS[self.compute])
             if got != want:
                 raise BackendUnavailableError(f"OpenVINO compiled the network in {got}, not the {want} asked for")
-            self._requests[batch] = req
+            req = self._requests[batch] = compiled.create_infer_request()
         return req
 
     @property
@@ -111,8 +117,7 @@ class OpenVinoBackend(Backend):
     def __call__(self, batch):
         x = np.ascontiguousarray(batch, dtype=np.float32)
         req = self._request(len(x))
-        with kept_signal_stack():
-            out = req.infer({0: x}, share_inputs=True)
+        out = req.infer({0: x}, share_inputs=True)
         return np.array(out[0], dtype=np.float32, copy=True)  # the request's buffer is reused by the next call
 
     def describe(self) -> str:
@@ -120,6 +125,5 @@ class OpenVinoBackend(Backend):
         return f"openvino {self._ov.__version__.split('-')[0]} on cpu ({self.compute}, {threads} threads)"
 
     def close(self) -> None:
-        with kept_signal_stack():
-            self._requests.clear()
-            self._model = None
+        self._requests.clear()
+        self._model = None
