@@ -25,15 +25,11 @@ def confidence_u8(logits):
 
 
 class ConfidenceRows:
-    """``on_plane(row, logits)`` callback for :func:`flare_rt.postprocess.labels_faithful`: fills a
-    (rows, Y, X) uint8 confidence map of the output grid as the rows stream."""
+    """``on_plane(row, logits)`` callback for :func:`flare_rt.postprocess.labels_faithful`: fills ``out``,
+    a (rows, Y, X) uint8 array (or view) of the output grid, as the rows stream."""
 
-    def __init__(self, out_shape):
-        self.out_shape = tuple(int(s) for s in out_shape)
-        self.array = None
+    def __init__(self, out):
+        self.array = out
 
     def __call__(self, row: int, logits) -> None:
-        if self.array is None:
-            xp = array_module(logits)
-            self.array = xp.zeros(self.out_shape, dtype=np.uint8)
         self.array[row] = confidence_u8(logits)

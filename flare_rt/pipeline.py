@@ -248,14 +248,13 @@ class Segmenter:
                 labels_refined(blocks, back, out=labels[crop.slices])
                 probs = None
             else:
-                rows = ConfidenceRows(back.out_shape) if opts.confidence else None
+                if opts.confidence:  # certain background outside the crop, as the probabilities
+                    conf = xp.full(full_shape, 255, dtype=np.uint8)
+                rows = ConfidenceRows(conf[crop.slices]) if conf is not None else None
                 _, probs = labels_faithful(blocks, back, meta.num_classes, opts.probabilities, out=labels[crop.slices],
                                            on_plane=rows)
                 if probs is not None:
                     probs = paste_probabilities(probs, crop)
-                if rows is not None:  # certain background outside the crop, as the probabilities
-                    conf = xp.full(full_shape, 255, dtype=np.uint8)
-                    conf[crop.slices] = rows.array
             if timer.sync is not None:
                 timer.sync()
         network_s = clock.seconds()
