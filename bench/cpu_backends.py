@@ -62,8 +62,8 @@ def configs(variants: dict[str, Path], only: set[str]) -> list[Config]:
         for b in (1, 2):
             out.append(Config(f"ov_fp32_b{b}", "openvino", "fp32", b))
         out.append(Config("ov_fp32_b1_throughput", "openvino", "fp32", 1, {"performance_hint": "THROUGHPUT"}))
-        out.append(Config("ov_fp32_b1_noflatten", "openvino", "fp32", 1, {"flatten_min_voxels": None}))
-        out.append(Config("ov_fp32_b1_flattenall", "openvino", "fp32", 1, {"flatten_min_voxels": 0}))
+        out.append(Config("ov_fp32_b1_nativenorm", "openvino", "fp32", 1, {"pooled_norm_min_voxels": None}))
+        out.append(Config("ov_fp32_b1_pooledall", "openvino", "fp32", 1, {"pooled_norm_min_voxels": 0}))
     for precision in variants:
         for backend, short in (("openvino", "ov"), ("onnxruntime", "ort")):
             if short not in only or (precision == "bf16" and backend != "openvino"):
@@ -88,7 +88,7 @@ def run_tiles(net, tiles: np.ndarray, batch: int) -> tuple[np.ndarray, float, fl
     """Logits, wall seconds per tile, CPU seconds per tile (this process, all threads)."""
     outs, t0, c0 = [], time.perf_counter(), time.process_time()
     for i in range(0, len(tiles), batch):
-        outs.append(net(tiles[i:i + batch]))
+        outs.append(np.array(net(tiles[i:i + batch]), copy=True))  # a backend may reuse its buffer
     return np.concatenate(outs), (time.perf_counter() - t0) / len(tiles), (time.process_time() - c0) / len(tiles)
 
 

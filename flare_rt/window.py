@@ -155,15 +155,17 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
                 w = wsum[a - lo:b - lo, unpad[1], unpad[2]]
                 if keep_tile is None:  # every voxel is covered by a tile, and the Gaussian is > 0
                     out = blk / w
-                else:  # voxels no kept tile covers: logits 0, background 1 (certain background); no sync
+                else:  # voxels no kept tile covers: logits 0 (x / inf), background 1 (certain background); no sync
                     covered = w > 0
-                    out = blk / xp.maximum(w, 1e-30)
-                    out *= covered
+                    out = blk / xp.where(covered, w, xp.float32(xp.inf))
                     out[0] += ~covered
                 yield a - z_lo, b - z_lo, out
             if n < depth:
-                acc[:, :depth - n] = acc[:, n:].copy()
-                wsum[:depth - n] = wsum[n:].copy()
+                keep_a, keep_w = acc[:, n:], wsum[n:]
+                if n < depth - n:  # source and target overlap: copy first (CuPy does not order such a copy)
+                    keep_a, keep_w = keep_a.copy(), keep_w.copy()
+                acc[:, :depth - n] = keep_a
+                wsum[:depth - n] = keep_w
             acc[:, depth - n:] = 0
             wsum[depth - n:] = 0
             lo += n

@@ -13,7 +13,7 @@ from flare_rt.bundle import Bundle
 from flare_rt.cli import main
 from flare_rt.errors import BackendUnavailableError
 from flare_rt.export import TOLERANCES, compare
-from flare_rt.onnx_graph import flatten_instance_norm
+from flare_rt.onnx_graph import pool_plan, pooled_instance_norm
 from flare_rt.quantize import calibration_tiles
 
 FP32 = TOLERANCES["fp32"]
@@ -60,7 +60,8 @@ def test_matches_onnxruntime_on_random_patches_within_the_fp32_export_tolerance(
 def test_matches_onnxruntime_on_real_patches(bundle, pair, real_tiles):
     """On real CT tiles both fp32 runtimes drift from exact arithmetic by more than the export
     check's logit tolerance (sums over 786k voxels per InstanceNorm channel in fp32), so the logits
-    are held to a float64 reference: OpenVINO no further from it than ONNX Runtime (x1.5), and the
+    are held to a float64 reference: OpenVINO (short-sum InstanceNorm statistics) no further from it
+    than ONNX Runtime, and the
     labels to the fp32 argmax agreement of the export check."""
     import torch
 
@@ -74,24 +75,35 @@ def test_matches_onnxruntime_on_real_patches(bundle, pair, real_tiles):
             exact = net(torch.from_numpy(x).double()).numpy()
         a, b = ov(x), ort(x)
         err_ov, err_ort = np.abs(a - exact).max(), np.abs(b - exact).max()
-        assert err_ov <= 1.5 * err_ort + FP32.atol, f"tile {i}: openvino {err_ov:.3g}, onnxruntime {err_ort:.3g}"
+        assert err_ov <= err_ort + FP32.atol, f"tile {i}: openvino {err_ov:.3g}, onnxruntime {err_ort:.3g}"
         res = compare(b, a, f"real tile {i}")
         assert res.agreement >= FP32.min_agreement, res.line()
 
 
-def test_flattened_instance_norm_is_the_same_arithmetic(bundle):
-    """The 3D view of the full-resolution InstanceNorm changes no value (checked on ONNX Runtime)."""
+def test_pool_plan_takes_short_sums():
+    assert pool_plan((32, 128, 192)) == [(4, 4, 4), (4, 4, 4)]  # 64-term sums, then a mean of 192
+    assert pool_plan((48, 224, 224)) == [(4, 4, 4), (4, 4, 4)]  # the big model's patch
+    assert pool_plan((40, 160, 160)) == [(4, 4, 4), (2, 4, 4)]
+    assert pool_plan((2, 8, 12)) == []  # small enough for one mean
+    assert pool_plan((131, 97, 89)) == []  # prime sizes: nothing divides, one long mean (the native op's sum)
+
+
+def test_pooled_instance_norm_is_the_same_function(bundle):
+    """The full-resolution InstanceNorms rewritten with hierarchical statistics compute the same
+    normalisation (checked on ONNX Runtime, whose own InstanceNorm is the reference)."""
     import onnxruntime as ort
 
     model = bundle.load_onnx()
-    flat = flatten_instance_norm(model)
-    n_flat = sum(n.op_type == "InstanceNormalization" and n.name.endswith("__flat") for n in flat.graph.node)
-    assert n_flat == 4  # the two full-resolution stages of encoder and decoder
-    assert flatten_instance_norm(model, min_voxels=10**9) is model
+    pooled = pooled_instance_norm(model)
+    kinds = [n.op_type for n in pooled.graph.node]
+    before = [n.op_type for n in model.graph.node].count("InstanceNormalization")
+    assert before - kinds.count("InstanceNormalization") == 4  # the two full-resolution stages of encoder and decoder
+    assert kinds.count("AveragePool") == 4 * 2 * 2  # 4 layers x (mean, variance) x 2 pooling passes
+    assert pooled_instance_norm(model, min_voxels=10**9) is model
     x = np.random.default_rng(1).standard_normal((1, 1, *bundle.meta.patch_size), dtype=np.float32)
     outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
-            for m in (model, flat)]
-    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=0)
+            for m in (model, pooled)]
+    np.testing.assert_allclose(outs[0], outs[1], atol=2e-3, rtol=0)
 
 
 def test_fp16_bundle_is_computed_in_fp32(real_tiles):

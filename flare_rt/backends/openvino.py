@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError
-from ..onnx_graph import flatten_instance_norm, to_fp32
+from ..onnx_graph import pooled_instance_norm, to_fp32
 from ..precision import COMPUTE
 from ..sigstack import kept_signal_stack
 from .base import Backend, BackendOptions
@@ -32,7 +32,7 @@ class OvSettings:
     """Compile settings; the defaults are the fastest measured in bench/cpu_backends.py."""
 
     performance_hint: str = "LATENCY"  # one stream using every thread: one synchronous request per batch
-    flatten_min_voxels: int | None = 1 << 18  # InstanceNorm over more voxels runs on a 3D view (accuracy)
+    pooled_norm_min_voxels: int | None = 1 << 18  # InstanceNorm over more voxels: short sums (accuracy)
 
 
 def _ov():
@@ -87,8 +87,8 @@ class OpenVinoBackend(Backend):
         if note:
             log.info("%s", note)
         model = to_fp32(bundle.load_onnx())
-        if settings.flatten_min_voxels is not None:
-            model = flatten_instance_norm(model, settings.flatten_min_voxels)
+        if settings.pooled_norm_min_voxels is not None:
+            model = pooled_instance_norm(model, settings.pooled_norm_min_voxels)
         self._model = self._core.read_model(model.SerializeToString(), b"")
         self._patch = tuple(int(p) for p in bundle.meta.patch_size)
         self._config = {"INFERENCE_PRECISION_HINT": HINTS[self.compute], "PERFORMANCE_HINT": settings.performance_hint}
@@ -117,8 +117,8 @@ class OpenVinoBackend(Backend):
     def __call__(self, batch):
         x = np.ascontiguousarray(batch, dtype=np.float32)
         req = self._request(len(x))
-        out = req.infer({0: x}, share_inputs=True)
-        return np.array(out[0], dtype=np.float32, copy=True)  # the request's buffer is reused by the next call
+        # the request's own output buffer, no copy: valid until the next call (see Backend), as TensorRT's
+        return req.infer({0: x}, share_inputs=True, share_outputs=True)[0]
 
     def describe(self) -> str:
         threads = self._config.get("INFERENCE_NUM_THREADS", "default")
