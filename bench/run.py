@@ -128,14 +128,18 @@ def parse_list(value: str, known, groups: dict | None = None, what: str = "item"
 
 
 # -- one run -------------------------------------------------------------------------------------------
-def command(system: System, image: Path, out: Path, report: Path, bundle: Path, args) -> list[str]:
+def command(system: System, image: Path, out: Path, report: Path, bundle: Path, args,
+            network_labels: bool = True) -> list[str]:
+    """The command line of one run. ``network_labels``: a flare-rt run also saves its network-resolution
+    argmax (for the agreement columns; an argmax over every blended logit, ~1 s on ts269 on 2 cores, that
+    a user's run does not do), so only the first repeat asks for it."""
     if system.kind == "nnunet":
         return [sys.executable, str(BENCH / "nnunet_peer.py"), str(image), str(out), "--model-dir",
                 str(args.model_dir), "--fold", args.fold, "--threads", str(args.threads), "--report", str(report),
                 "--device", system.device, *system.args]
     return [sys.executable, "-m", "flare_rt", "segment", str(image), str(out), "--model", str(bundle),
             "--threads", str(args.threads), "--report", str(report), "--overwrite", "--device", system.device,
-            "--save-network-labels", str(network_labels_path(out)), *system.args]
+            *(["--save-network-labels", str(network_labels_path(out))] if network_labels else []), *system.args]
 
 
 def network_labels_path(out: Path) -> Path:
@@ -205,7 +209,7 @@ def run_once(system: System, case: str, image: Path, rep: str, work: Path, bundl
     start = "warm" if cache.is_dir() else "cold"
     cache.mkdir(parents=True, exist_ok=True)
     env, extra_env = environment(system, args.threads, cache)
-    cmd = command(system, image, out, report_path, bundle, args)
+    cmd = command(system, image, out, report_path, bundle, args, network_labels=rep in ("warmup", "r1"))
     load = os.getloadavg()[0]
     sampler = gpu_memory.GpuMemorySampler(gpu_source, device=args.gpu_name) if gpu_source is not None else None
     res = run_monitored(cmd, d / f"{system.name}.{rep}", env=env, cwd=REPO, timeout_s=timeout_s or args.timeout,
@@ -425,7 +429,8 @@ def cpu_markdown(result: dict) -> str:
              f"- nnU-Net peer: nnUNetPredictor on CPU, tile step 0.5, Gaussian, no mirroring, "
              f"perform_everything_on_device=False, torch threads {cfg['threads']}",
              f"- Repeats: {cfg['repeats']} (median, (min–max) when >1), warm-up {'on' if cfg['warmup'] else 'off'}; "
-             "wall = whole process (start-up, imports, model load, I/O)",
+             "wall = whole process (start-up, imports, model load, I/O); flare-rt's first run (warm-up or r1) also "
+             "saves its network-resolution argmax for the agreement columns (an extra argmax, ~1 s on ts269)",
              f"- Peak RSS: {m['sampler']}", ""]
     for case, c in result["cases"].items():
         info = c["info"]

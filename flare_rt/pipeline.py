@@ -162,7 +162,8 @@ class Segmenter:
         tta = meta.tta if options.tta is None else options.tta
         step = meta.tile_step if options.step is None else options.step
         self.window = WindowConfig(patch_size=meta.patch_size, step=step, batch_size=options.batch_size,
-                                   mirror_axes=meta.mirror_axes if tta else ())
+                                   mirror_axes=meta.mirror_axes if tta else (),
+                                   threads=getattr(getattr(backend, "options", None), "threads", None))
         if meta.demo:
             log.warning("%s is a coarse DEMONSTRATION model: its segmentations are not accurate", bundle.path.name)
 

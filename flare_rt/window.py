@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator
@@ -32,12 +33,15 @@ class WindowConfig:
     batch_size: int = 1
     mirror_axes: tuple[int, ...] = ()  # TTA: all flip combinations over these spatial axes
     gaussian: bool = True
+    threads: int | None = None  # CPU threads of the blend (numpy); None: the usable cores, at most 4
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= 1:
             raise ConfigError(f"tile step must be in (0, 1], got {self.step}; 0.5 is nnU-Net's default")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"blend threads must be >= 1, got {self.threads}")
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise ConfigError(f"mirror axes must be among (0, 1, 2), got {self.mirror_axes}")
 
@@ -111,6 +115,37 @@ def _predict(network: Network, batch, mirror_axes: tuple[int, ...]):
     return pred
 
 
+_BLEND_POOL: list = []  # one lazily made thread pool for the CPU blend
+
+
+def _blend_threads() -> int:
+    try:
+        return max(1, min(4, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not Linux
+        return max(1, min(4, os.cpu_count() or 1))
+
+
+def over_classes(fn: Callable[[slice], None], num_classes: int, xp, threads: int | None = None) -> None:
+    """``fn(classes)`` over slices that cover the class axis. With numpy the slices run on ``threads``
+    threads (default: the usable cores, at most 4): the element-wise blend releases the GIL, and the
+    network's threads are idle while the window blends (a synchronous backend), so on a CPU these passes
+    take half the time or less. On a GPU: one call."""
+    n = min(threads or _blend_threads(), _blend_threads(), num_classes) if xp is np else 1
+    if n == 1:
+        fn(slice(None))
+        return
+    if not _BLEND_POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _BLEND_POOL.append(ThreadPoolExecutor(_blend_threads() - 1, thread_name_prefix="flare-rt-blend"))
+    edges = np.linspace(0, num_classes, n + 1).round().astype(int)
+    parts = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    futures = [_BLEND_POOL[0].submit(fn, part) for part in parts[1:]]
+    fn(parts[0])
+    for f in futures:
+        f.result()
+
+
 def tile_origins(shape, cfg: WindowConfig) -> list[tuple[int, int, int]]:
     steps = compute_steps(shape, cfg.patch_size, cfg.step)
     return [tuple(o) for o in itertools.product(*steps)]  # z-major, as nnU-Net
@@ -153,21 +188,27 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
             if b > a:
                 blk = acc[:, a - lo:b - lo, unpad[1], unpad[2]]
                 w = wsum[a - lo:b - lo, unpad[1], unpad[2]]
-                if keep_tile is None:  # every voxel is covered by a tile, and the Gaussian is > 0
-                    out = blk / w
-                else:  # voxels no kept tile covers: logits 0 (x / inf), background 1 (certain background); no sync
-                    covered = w > 0
-                    out = blk / xp.where(covered, w, xp.float32(xp.inf))
+                # every voxel covered (no tile skipped; the Gaussian is > 0): logits / weight; else voxels no
+                # kept tile covers get logits 0 (x / inf) and background 1 (certain background); no sync
+                covered = None if keep_tile is None else w > 0
+                denom = w if covered is None else xp.where(covered, w, xp.float32(xp.inf))
+                out = xp.empty(blk.shape, dtype=xp.float32)
+                over_classes(lambda k: xp.divide(blk[k], denom, out=out[k]), num_classes, xp, cfg.threads)
+                if covered is not None:
                     out[0] += ~covered
                 yield a - z_lo, b - z_lo, out
-            if n < depth:
-                keep_a, keep_w = acc[:, n:], wsum[n:]
-                if n < depth - n:  # source and target overlap: copy first (CuPy does not order such a copy)
-                    keep_a, keep_w = keep_a.copy(), keep_w.copy()
-                acc[:, :depth - n] = keep_a
-                wsum[:depth - n] = keep_w
-            acc[:, depth - n:] = 0
-            wsum[depth - n:] = 0
+
+            def shift(k):
+                """Rows [n, depth) to the front, in chunks of n rows front to back (no chunk overlaps its
+                source, so no temporary), and zeros behind them."""
+                buf = acc[k] if k is not None else wsum[None]
+                for i in range(0, depth - n, n):
+                    j = min(i + n, depth - n)
+                    buf[:, i:j] = buf[:, i + n:j + n]
+                buf[:, depth - n:] = 0
+
+            over_classes(shift, num_classes, xp, cfg.threads)
+            shift(None)
             lo += n
 
     batch_imgs, batch_orig = [], []
@@ -183,9 +224,15 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
             accumulate_tiles(acc, wsum, pred, gauss, [(z - lo, y, x) for z, y, x in batch_orig])
         else:
             for p, (z, y, x) in zip(pred, batch_orig):
-                p *= gauss
-                acc[:, z - lo:z - lo + pz, y:y + py, x:x + px] += p
-                wsum[z - lo:z - lo + pz, y:y + py, x:x + px] += gauss
+                region = (slice(z - lo, z - lo + pz), slice(y, y + py), slice(x, x + px))
+
+                def blend(k, p=p, region=region):
+                    pk = p[k]
+                    pk *= gauss
+                    acc[(k, *region)] += pk
+
+                over_classes(blend, num_classes, xp, cfg.threads)
+                wsum[region] += gauss
         if progress is not None:
             progress.update(len(batch_imgs))
         batch_imgs.clear()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flare_rt.errors import ConfigError
-from flare_rt.window import (WindowConfig, compute_steps, gaussian_map, pad_to_patch, sliding_window,
+from flare_rt.window import (WindowConfig, compute_steps, gaussian_map, over_classes, pad_to_patch, sliding_window,
                              sliding_window_blocks)
 
 PATCH = (8, 16, 12)
@@ -86,6 +86,31 @@ def test_skipped_tiles_give_certain_background():
     assert np.all(out.argmax(0)[20:] == 0)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_over_classes_covers_every_class_once(threads):
+    seen = np.zeros(15, dtype=int)
+
+    def mark(k):
+        seen[k] += 1
+
+    over_classes(mark, 15, np, threads)
+    assert seen.tolist() == [1] * 15
+
+
+@pytest.mark.parametrize("step", [0.5, 0.3, 0.9])  # steps below and above half a patch: shifts with and without overlap
+def test_threaded_blend_is_bitwise_the_single_thread_one(step):
+    """The CPU blend split over classes on threads gives the same floats as one thread, skipped tiles too."""
+    img = np.random.default_rng(5).standard_normal((1, 45, 30, 20)).astype(np.float32)
+    w = np.random.default_rng(6).standard_normal((7, 1, 1, 1, 1)).astype(np.float32)
+
+    def net(x):  # 7 classes, not a blend-invariant function, so rounding differences would show
+        return np.tanh(x[:, :1] * w.reshape(1, 7, 1, 1, 1))
+
+    outs = [sliding_window(img, net, 7, WindowConfig(PATCH, step=step, threads=t), keep_tile=lambda o: o[1] < 10)
+            for t in (1, 3)]
+    assert np.array_equal(outs[0], outs[1])
+
+
 def test_padding_is_symmetric_and_reverted():
     img = np.ones((1, 3, 16, 5), dtype=np.float32)
     padded, unpad = pad_to_patch(img, PATCH)
@@ -99,6 +124,8 @@ def test_bad_config_is_rejected_with_the_value():
         WindowConfig(PATCH, step=1.5)
     with pytest.raises(ConfigError, match="got 0"):
         WindowConfig(PATCH, batch_size=0)
+    with pytest.raises(ConfigError, match="blend threads must be >= 1, got 0"):
+        WindowConfig(PATCH, threads=0)
 
 
 @pytest.mark.parametrize("mirror", [False, True])

@@ -30,7 +30,7 @@ def fake_gpu(monkeypatch, tiny_ct):
     source = CyclingSource([0], name="Fake GPU")
     monkeypatch.setattr(run, "open_gpu", lambda index: (source, source.describe()))
     real = run.command
-    monkeypatch.setattr(run, "command", lambda *a: ["cpu" if c == "cuda" else c for c in real(*a)])
+    monkeypatch.setattr(run, "command", lambda *a, **k: ["cpu" if c == "cuda" else c for c in real(*a, **k)])
     monkeypatch.setitem(run.CASES, "tiny", cases.Case("tiny", "crop of the example CT", lambda cache: tiny_ct))
     return source
 
