@@ -11,6 +11,7 @@ import gzip
 import logging
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,14 +115,22 @@ def read_image(path: str | Path, series_uid: str | None = None):
     if path.is_dir():
         return read_dicom_series(path, series_uid)
     sitk = _sitk(path, f"reading {image_suffix(path) or path.suffix or 'these'} images")
-    _check_gzip(path)
-    if image_suffix(path) in (".nii", ".nii.gz"):
-        _check_nifti_header(path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputImageError(f"{path}: cannot read image: unknown format or corrupt file "
-                              f"({_itk_message(exc)})") from exc
+    # the gzip stream's CRC check runs on a thread beside ITK's own decompression (zlib releases the GIL);
+    # a corrupt stream is the error reported, whatever ITK made of it
+    with ThreadPoolExecutor(1, thread_name_prefix="flare-rt-gzip") as pool:
+        crc = pool.submit(_check_gzip, path)
+        try:
+            if image_suffix(path) in (".nii", ".nii.gz"):
+                _check_nifti_header(path)
+            try:
+                image = sitk.ReadImage(str(path))
+            except RuntimeError as exc:
+                raise InputImageError(f"{path}: cannot read image: unknown format or corrupt file "
+                                      f"({_itk_message(exc)})") from exc
+        except BaseException:
+            crc.result()
+            raise
+        crc.result()
     if image_suffix(path) in (".nii", ".nii.gz") and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = _nifti_nonfinite(path)
         if bad:

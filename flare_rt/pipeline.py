@@ -192,7 +192,7 @@ class Segmenter:
             plan = make_plan(crop.shape_after, net_shape, spacing, meta.spacing, meta.resampling, probabilities=False)
             cdt = np.dtype(fast.compute_dtype if fast else "float64")
             data = resample(cropped[None], plan, out_dtype=np.float32, compute_dtype=cdt,
-                            pre=lambda a: ct_normalize(a, meta.normalization))
+                            pre=lambda a: ct_normalize(a, meta.normalization), threads=self.window.threads)
             keep = self._tile_filter(cropped, net_shape, fast.body_threshold_hu) if fast and fast.roi else None
         back = make_plan(net_shape, crop.shape_after, meta.spacing, spacing, meta.resampling, probabilities=True)
         window = self.window
@@ -246,7 +246,7 @@ class Segmenter:
             labels = xp.zeros(full_shape, dtype=np.uint8)  # written in place: no paste copy
             conf = None
             if fast and fast.label_upsampling and not opts.probabilities and not opts.confidence and refinable(back):
-                labels_refined(blocks, back, out=labels[crop.slices])
+                labels_refined(blocks, back, out=labels[crop.slices], threads=window.threads)
                 probs = None
             else:
                 if opts.confidence:  # certain background outside the crop, as the probabilities

@@ -15,6 +15,7 @@ import numpy as np
 
 from .kernels import native_enabled
 from .resample import ResamplePlan, linear_weights, resample, resize_skimage, z_source_index
+from .threads import run_split
 from .xp import array_module, to_device
 
 
@@ -24,19 +25,30 @@ def softmax(logits, axis: int = 0):
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def _source_index(plan: ResamplePlan) -> np.ndarray:
+    """The network row each output row is taken from (z order 0, or no z change)."""
+    n_in, n_out = plan.in_shape[0], plan.out_shape[0]
+    return z_source_index(n_in, n_out) if n_in != n_out else np.arange(n_out)
+
+
+def block_rows(idx: np.ndarray, z0: int, z1: int) -> dict[int, list[int]]:
+    """Source rows in [z0, z1) -> the output rows taken from each, in order."""
+    rows: dict[int, list[int]] = {}
+    for k in np.flatnonzero((idx >= z0) & (idx < z1)).tolist():
+        rows.setdefault(int(idx[k]), []).append(k)
+    return rows
+
+
 def output_rows(blocks: Iterable, plan: ResamplePlan, make_plane: Callable) -> Iterator[tuple[int, object]]:
     """The streaming way back for a plan that selects slices along z (order 0, or no z change): consume
     ``(z0, z1, logits_block)`` in row order and yield ``(k, make_plane(block[:, s]))`` for every output
     row ``k`` with source row ``s``; a source row shared by consecutive output rows is computed once."""
-    idx = z_source_index(plan.in_shape[0], plan.out_shape[0]) if plan.in_shape[0] != plan.out_shape[0] \
-        else np.arange(plan.out_shape[0])
+    idx = _source_index(plan)
     for z0, z1, blk in blocks:
-        last_src, last = None, None
-        for k in np.flatnonzero((idx >= z0) & (idx < z1)).tolist():
-            s = int(idx[k])
-            if s != last_src:
-                last_src, last = s, make_plane(blk[:, s - z0])
-            yield k, last
+        for s, ks in block_rows(idx, z0, z1).items():
+            plane = make_plane(blk[:, s - z0])
+            for k in ks:
+                yield k, plane
 
 
 def streams(plan: ResamplePlan) -> bool:
@@ -135,10 +147,11 @@ def refine_plane(logits, out_plane, weights=None):
     return labels
 
 
-def labels_refined(blocks: Iterable, plan: ResamplePlan, out=None):
+def labels_refined(blocks: Iterable, plan: ResamplePlan, out=None, threads: int | None = None):
     """Fast mode's labels for nnU-Net's usual back-resampling (in-plane order 1, z order 0): the
     argmax of the resampled logits, as :func:`labels_faithful`, at the cost of a label upsampling
-    (written into ``out`` if given)."""
+    (written into ``out`` if given). The rows of a block are refined on ``threads`` CPU threads
+    (:func:`flare_rt.threads.run_split`; one loop on a GPU)."""
     if not refinable(plan):
         raise ValueError(f"boundary-refined upsampling needs in-plane order 1 and z order 0, got {plan}")
     blocks = iter(blocks)
@@ -148,18 +161,19 @@ def labels_refined(blocks: Iterable, plan: ResamplePlan, out=None):
     blocks = itertools.chain([first], blocks)
     if native_enabled(array_module(first[2])):
         return _labels_native(blocks, plan, out)
-    labels, weights = out, None
+    xp = array_module(first[2])
+    idx = _source_index(plan)
+    weights = plane_weights(plan.in_shape[1:], plan.out_shape[1:], xp)
+    labels = out if out is not None else xp.zeros(plan.out_shape, dtype=np.uint8)
+    for z0, z1, blk in blocks:
+        rows = block_rows(idx, z0, z1)
 
-    def refined(plane):
-        nonlocal weights
-        if weights is None:
-            weights = plane_weights(plan.in_shape[1:], plan.out_shape[1:], array_module(plane))
-        return refine_plane(plane, plan.out_shape[1:], weights)
+        def one(s, blk=blk, z0=z0, rows=rows):
+            plane = refine_plane(blk[:, s - z0], plan.out_shape[1:], weights)
+            for k in rows[s]:
+                labels[k] = plane
 
-    for k, plane in output_rows(blocks, plan, refined):
-        if labels is None:
-            labels = array_module(plane).zeros(plan.out_shape, dtype=np.uint8)
-        labels[k] = plane
+        run_split(one, list(rows), threads, xp)
     return labels
 
 
@@ -167,8 +181,7 @@ def _labels_native(blocks: Iterable, plan: ResamplePlan, out=None):
     """:func:`labels_refined` with the native kernel: one launch per block, the same labels."""
     from .kernels import labels_from_logits
 
-    idx = z_source_index(plan.in_shape[0], plan.out_shape[0]) if plan.in_shape[0] != plan.out_shape[0] \
-        else np.arange(plan.out_shape[0])
+    idx = _source_index(plan)
     labels = out
     for z0, z1, blk in blocks:
         if labels is None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bundle import ResamplingRule
+from .threads import run_split
 from .xp import array_module, ndimage_module, to_device
 
 
@@ -102,13 +103,15 @@ def _move(x, axis: int):
     return xp.moveaxis(x, x.ndim - 3 + axis, x.ndim - 3)
 
 
-def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64, pre=None):
+def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64, pre=None,
+             threads: int | None = None):
     """Resample (C, Z, Y, X) ``data`` to ``plan.out_shape`` exactly as nnU-Net's resample_data_or_seg
     (``compute_dtype`` float64 as nnU-Net; float32 is the fast path).
 
     ``pre`` (e.g. CT normalisation) is applied to the input before resampling, slice by slice where the
     plan resamples slices (the same values as applying it to the whole volume first, without a
-    full-size float copy of the input)."""
+    full-size float copy of the input). Slices selected along z are resized on ``threads`` CPU threads
+    (:func:`flare_rt.threads.run_split`; one loop on a GPU)."""
     xp = array_module(data)
     pre = pre or (lambda a: a)
     out_dtype = out_dtype or data.dtype
@@ -129,14 +132,17 @@ def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64,
     for ch in range(c):
         if plan.order_z == 0 or n_in == n_out:
             idx = z_source_index(n_in, n_out) if n_in != n_out else np.arange(n_out)
-            done: dict[int, object] = {}
+            rows: dict[int, list[int]] = {}  # source slice -> the output rows it gives (each resized once)
             for k, s in enumerate(idx.tolist()):
-                if s not in done:
-                    done[s] = resize_skimage(pre(src[ch, s]).astype(compute_dtype, copy=False), plane, plan.order,
-                                             out_dtype)
-                dst[ch, k] = done[s]
-                if k + 1 < n_out and idx[k + 1] != s:
-                    done.pop(s)
+                rows.setdefault(s, []).append(k)
+
+            def one(s, ch=ch):
+                resized = resize_skimage(pre(src[ch, s]).astype(compute_dtype, copy=False), plane, plan.order,
+                                         out_dtype)
+                for k in rows[s]:
+                    dst[ch, k] = resized
+
+            run_split(one, list(rows), threads, xp)
         else:
             planes = xp.stack([resize_skimage(pre(src[ch, s]).astype(compute_dtype, copy=False), plane, plan.order,
                                               compute_dtype) for s in range(n_in)])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator
@@ -19,6 +18,7 @@ import numpy as np
 from .bundle import DEFAULT_TILE_STEP
 from .errors import ConfigError
 from .kernels import native_enabled
+from .threads import class_slices, run_split
 from .xp import array_module, to_device
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class WindowConfig:
     batch_size: int = 1
     mirror_axes: tuple[int, ...] = ()  # TTA: all flip combinations over these spatial axes
     gaussian: bool = True
-    threads: int | None = None  # CPU threads of the blend (numpy); None: the usable cores, at most 4
+    threads: int | None = None  # CPU threads of the blend (numpy); None: flare_rt.threads.cpu_threads()
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= 1:
@@ -115,35 +115,11 @@ def _predict(network: Network, batch, mirror_axes: tuple[int, ...]):
     return pred
 
 
-_BLEND_POOL: list = []  # one lazily made thread pool for the CPU blend
-
-
-def _blend_threads() -> int:
-    try:
-        return max(1, min(4, len(os.sched_getaffinity(0))))
-    except AttributeError:  # not Linux
-        return max(1, min(4, os.cpu_count() or 1))
-
-
 def over_classes(fn: Callable[[slice], None], num_classes: int, xp, threads: int | None = None) -> None:
-    """``fn(classes)`` over slices that cover the class axis. With numpy the slices run on ``threads``
-    threads (default: the usable cores, at most 4): the element-wise blend releases the GIL, and the
-    network's threads are idle while the window blends (a synchronous backend), so on a CPU these passes
-    take half the time or less. On a GPU: one call."""
-    n = min(threads or _blend_threads(), _blend_threads(), num_classes) if xp is np else 1
-    if n == 1:
-        fn(slice(None))
-        return
-    if not _BLEND_POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _BLEND_POOL.append(ThreadPoolExecutor(_blend_threads() - 1, thread_name_prefix="flare-rt-blend"))
-    edges = np.linspace(0, num_classes, n + 1).round().astype(int)
-    parts = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-    futures = [_BLEND_POOL[0].submit(fn, part) for part in parts[1:]]
-    fn(parts[0])
-    for f in futures:
-        f.result()
+    """``fn(classes)`` over slices that cover the class axis: on the CPU on threads
+    (:func:`flare_rt.threads.run_split`: the network's threads are idle while the window blends), so
+    these passes take half the time or less on 2 cores; on a GPU one call."""
+    run_split(fn, class_slices(num_classes, threads, xp), threads, xp)
 
 
 def tile_origins(shape, cfg: WindowConfig) -> list[tuple[int, int, int]]:
