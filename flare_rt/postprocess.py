@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .kernels import native_enabled
-from .resample import ResamplePlan, linear_weights, resample, resize_skimage, z_source_index
+from .resample import ResamplePlan, block_rows, linear_weights, resample, resize_skimage, z_source_index
 from .threads import run_split
 from .xp import array_module, to_device
 
@@ -25,25 +25,11 @@ def softmax(logits, axis: int = 0):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def _source_index(plan: ResamplePlan) -> np.ndarray:
-    """The network row each output row is taken from (z order 0, or no z change)."""
-    n_in, n_out = plan.in_shape[0], plan.out_shape[0]
-    return z_source_index(n_in, n_out) if n_in != n_out else np.arange(n_out)
-
-
-def block_rows(idx: np.ndarray, z0: int, z1: int) -> dict[int, list[int]]:
-    """Source rows in [z0, z1) -> the output rows taken from each, in order."""
-    rows: dict[int, list[int]] = {}
-    for k in np.flatnonzero((idx >= z0) & (idx < z1)).tolist():
-        rows.setdefault(int(idx[k]), []).append(k)
-    return rows
-
-
 def output_rows(blocks: Iterable, plan: ResamplePlan, make_plane: Callable) -> Iterator[tuple[int, object]]:
     """The streaming way back for a plan that selects slices along z (order 0, or no z change): consume
     ``(z0, z1, logits_block)`` in row order and yield ``(k, make_plane(block[:, s]))`` for every output
     row ``k`` with source row ``s``; a source row shared by consecutive output rows is computed once."""
-    idx = _source_index(plan)
+    idx = z_source_index(plan.in_shape[0], plan.out_shape[0])
     for z0, z1, blk in blocks:
         for s, ks in block_rows(idx, z0, z1).items():
             plane = make_plane(blk[:, s - z0])
@@ -162,7 +148,7 @@ def labels_refined(blocks: Iterable, plan: ResamplePlan, out=None, threads: int 
     if native_enabled(array_module(first[2])):
         return _labels_native(blocks, plan, out)
     xp = array_module(first[2])
-    idx = _source_index(plan)
+    idx = z_source_index(plan.in_shape[0], plan.out_shape[0])
     weights = plane_weights(plan.in_shape[1:], plan.out_shape[1:], xp)
     labels = out if out is not None else xp.zeros(plan.out_shape, dtype=np.uint8)
     for z0, z1, blk in blocks:
@@ -181,7 +167,7 @@ def _labels_native(blocks: Iterable, plan: ResamplePlan, out=None):
     """:func:`labels_refined` with the native kernel: one launch per block, the same labels."""
     from .kernels import labels_from_logits
 
-    idx = _source_index(plan)
+    idx = z_source_index(plan.in_shape[0], plan.out_shape[0])
     labels = out
     for z0, z1, blk in blocks:
         if labels is None:

@@ -86,6 +86,14 @@ def z_source_index(n_in: int, n_out: int, xp=np):
     return to_device(idx, xp)
 
 
+def block_rows(idx: np.ndarray, z0: int, z1: int) -> dict[int, list[int]]:
+    """Source rows in [z0, z1) of a z selection ``idx`` -> the output rows taken from each, in order."""
+    rows: dict[int, list[int]] = {}
+    for k in np.flatnonzero((idx >= z0) & (idx < z1)).tolist():
+        rows.setdefault(int(idx[k]), []).append(k)
+    return rows
+
+
 def linear_weights(n_in: int, n_out: int, dtype=np.float64):
     """Linear interpolation along one axis with pixel-centre alignment, clamped at the edges (ndimage
     ``zoom(order=1, grid_mode=True, mode='nearest')``, nnU-Net's order-1 z interpolation): for each
@@ -131,10 +139,7 @@ def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64,
     dst = _move(out, ax)
     for ch in range(c):
         if plan.order_z == 0 or n_in == n_out:
-            idx = z_source_index(n_in, n_out) if n_in != n_out else np.arange(n_out)
-            rows: dict[int, list[int]] = {}  # source slice -> the output rows it gives (each resized once)
-            for k, s in enumerate(idx.tolist()):
-                rows.setdefault(s, []).append(k)
+            rows = block_rows(z_source_index(n_in, n_out), 0, n_in)  # each source slice resized once
 
             def one(s, ch=ch):
                 resized = resize_skimage(pre(src[ch, s]).astype(compute_dtype, copy=False), plane, plan.order,

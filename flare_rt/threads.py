@@ -26,19 +26,30 @@ def cpu_threads() -> int:
     return max(1, min(MAX_THREADS, n))
 
 
+def _count(threads: int | None, items: int, xp) -> int:
+    """Threads a pass over ``items`` uses: ``threads`` (default all usable), never more than the usable
+    cores or the items; one on a GPU."""
+    return min(threads or cpu_threads(), cpu_threads(), items) if xp is np else 1
+
+
+def _cuts(items: int, n: int) -> list[tuple[int, int]]:
+    """``n`` contiguous near-equal ranges covering ``range(items)``."""
+    edges = np.linspace(0, items, max(n, 1) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
 def run_split(fn: Callable[[T], None], items: Sequence[T], threads: int | None = None, xp=np) -> None:
     """``fn(item)`` for every item. With numpy the items go, in contiguous groups, to up to ``threads``
     threads (default :func:`cpu_threads`; never more than the usable cores), the caller running the first
     group; ``fn`` must write disjoint outputs. With another array module: a plain loop."""
-    n = min(threads or cpu_threads(), cpu_threads(), len(items)) if xp is np else 1
+    n = _count(threads, len(items), xp)
     if n <= 1:
         for item in items:
             fn(item)
         return
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(MAX_THREADS - 1, thread_name_prefix="flare-rt-cpu"))
-    edges = np.linspace(0, len(items), n + 1).round().astype(int)
-    groups = [items[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    groups = [items[a:b] for a, b in _cuts(len(items), n)]
 
     def run(group):
         for item in group:
@@ -54,6 +65,4 @@ def run_split(fn: Callable[[T], None], items: Sequence[T], threads: int | None =
 
 def class_slices(num_classes: int, threads: int | None = None, xp=np) -> list[slice]:
     """The class axis cut into as many slices as :func:`run_split` would use threads (one on a GPU)."""
-    n = min(threads or cpu_threads(), cpu_threads(), num_classes) if xp is np else 1
-    edges = np.linspace(0, num_classes, n + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [slice(a, b) for a, b in _cuts(num_classes, _count(threads, num_classes, xp))]

@@ -174,17 +174,16 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
                     out[0] += ~covered
                 yield a - z_lo, b - z_lo, out
 
-            def shift(k):
-                """Rows [n, depth) to the front, in chunks of n rows front to back (no chunk overlaps its
-                source, so no temporary), and zeros behind them."""
-                buf = acc[k] if k is not None else wsum[None]
+            def shift(buf):
+                """Rows [n, depth) of (C, depth, ...) ``buf`` to the front, in chunks of n rows front to back
+                (no chunk overlaps its source, so no temporary), and zeros behind them."""
                 for i in range(0, depth - n, n):
                     j = min(i + n, depth - n)
                     buf[:, i:j] = buf[:, i + n:j + n]
                 buf[:, depth - n:] = 0
 
-            over_classes(shift, num_classes, xp, cfg.threads)
-            shift(None)
+            over_classes(lambda k: shift(acc[k]), num_classes, xp, cfg.threads)
+            shift(wsum[None])
             lo += n
 
     batch_imgs, batch_orig = [], []
