@@ -253,7 +253,7 @@ class Segmenter:
                     conf = xp.full(full_shape, 255, dtype=np.uint8)
                 rows = ConfidenceRows(conf[crop.slices]) if conf is not None else None
                 _, probs = labels_faithful(blocks, back, meta.num_classes, opts.probabilities, out=labels[crop.slices],
-                                           on_plane=rows)
+                                           on_plane=rows, threads=window.threads)
                 if probs is not None:
                     probs = paste_probabilities(probs, crop)
             if timer.sync is not None:

@@ -9,7 +9,7 @@ interpolates the logits only where the network-resolution argmax changes (:func:
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -25,28 +25,19 @@ def softmax(logits, axis: int = 0):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def output_rows(blocks: Iterable, plan: ResamplePlan, make_plane: Callable) -> Iterator[tuple[int, object]]:
-    """The streaming way back for a plan that selects slices along z (order 0, or no z change): consume
-    ``(z0, z1, logits_block)`` in row order and yield ``(k, make_plane(block[:, s]))`` for every output
-    row ``k`` with source row ``s``; a source row shared by consecutive output rows is computed once."""
-    idx = z_source_index(plan.in_shape[0], plan.out_shape[0])
-    for z0, z1, blk in blocks:
-        for s, ks in block_rows(idx, z0, z1).items():
-            plane = make_plane(blk[:, s - z0])
-            for k in ks:
-                yield k, plane
-
-
 def streams(plan: ResamplePlan) -> bool:
     """Whether the back-resampling of ``plan`` is a z selection followed by in-plane resizing."""
     return plan.separate_axis == 0 and (plan.order_z == 0 or plan.in_shape[0] == plan.out_shape[0])
 
 
 def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want_probabilities: bool = False,
-                    compute_dtype=np.float32, out=None, on_plane=None):
+                    compute_dtype=np.float32, out=None, on_plane=None, threads: int | None = None):
     """Consume ``(z0, z1, logits_block)`` in row order; return uint8 labels of ``plan.out_shape``
     (written into ``out`` if given) and float16 probabilities if asked. ``on_plane(row, logits)``, if given,
-    sees the resampled (K, Y, X) logits of every output row (e.g. :class:`flare_rt.confidence.ConfidenceRows`)."""
+    sees the resampled (K, Y, X) logits of every output row (e.g. :class:`flare_rt.confidence.ConfidenceRows`);
+    it must only write that row, for the source rows of a block are resampled on ``threads`` CPU threads
+    (:func:`flare_rt.threads.run_split`; one loop on a GPU). A source row shared by consecutive output rows
+    is resampled once."""
     out_shape = plan.out_shape
     if not streams(plan):  # rare (isotropic or x/y-anisotropic models): resample per class, running argmax
         labels, probs = _labels_per_class(blocks, plan, num_classes, want_probabilities, compute_dtype, on_plane)
@@ -54,24 +45,31 @@ def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want
             out[...] = labels
             labels = out
         return labels, probs
+    blocks = iter(blocks)
+    first = next(blocks, None)
+    if first is None:
+        return out, None
+    xp = array_module(first[2])
+    labels = out if out is not None else xp.zeros(out_shape, dtype=np.uint8)
+    probs = xp.zeros((num_classes, *out_shape), dtype=np.float16) if want_probabilities else None
+    idx = z_source_index(plan.in_shape[0], out_shape[0])
+    for z0, z1, blk in itertools.chain([first], blocks):
+        rows = block_rows(idx, z0, z1)
 
-    def resized(plane):
-        xp = array_module(plane)
-        return xp.stack([resize_skimage(plane[c].astype(compute_dtype, copy=False), out_shape[1:], plan.order,
-                                        np.float32) for c in range(num_classes)])
+        def one(s, blk=blk, z0=z0, rows=rows):
+            plane = blk[:, s - z0]
+            planes = xp.stack([resize_skimage(plane[c].astype(compute_dtype, copy=False), out_shape[1:],
+                                              plan.order, np.float32) for c in range(num_classes)])
+            argmax = planes.argmax(0)
+            p = softmax(planes).astype(np.float16) if want_probabilities else None
+            for k in rows[s]:
+                labels[k] = argmax
+                if on_plane is not None:
+                    on_plane(k, planes)
+                if p is not None:
+                    probs[:, k] = p
 
-    labels, probs = out, None
-    for k, planes in output_rows(blocks, plan, resized):
-        xp = array_module(planes)
-        if labels is None:
-            labels = xp.zeros(out_shape, dtype=np.uint8)
-        if want_probabilities and probs is None:
-            probs = xp.zeros((num_classes, *out_shape), dtype=np.float16)
-        labels[k] = planes.argmax(0)
-        if on_plane is not None:
-            on_plane(k, planes)
-        if want_probabilities:
-            probs[:, k] = softmax(planes).astype(np.float16)
+        run_split(one, list(rows), threads, xp)
     return labels, probs
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from flare_rt.bundle import ResamplingRule
-from flare_rt.postprocess import labels_faithful
+from flare_rt.confidence import ConfidenceRows
+from flare_rt.postprocess import labels_faithful, streams
 from flare_rt.resample import make_plan, resample
 from flare_rt.window import WindowConfig, sliding_window, sliding_window_blocks
 
@@ -33,6 +35,26 @@ def test_streamed_labels_equal_whole_volume_computation():
     assert np.array_equal(labels, full.argmax(0).astype(np.uint8))
     e = np.exp(full - full.max(0))
     np.testing.assert_allclose(probs.astype(np.float32), e / e.sum(0), atol=2e-3)
+
+
+@pytest.mark.parametrize("out_z", [150, 30])  # z upsampled (shared source rows) and downsampled (rows skipped)
+def test_threaded_way_back_is_bitwise_the_single_thread_one(out_z):
+    """Faithful mode's source rows resampled on threads: the same labels, probabilities and per-row
+    callbacks as one thread."""
+    data = np.random.default_rng(2).standard_normal((1, 45, 40, 36)).astype(np.float32)
+    cfg = WindowConfig((16, 32, 32), 0.5)
+    plan = make_plan(data.shape[1:], (out_z, 100, 90), (4.0, 1.2, 1.2), (4.0 * 45 / out_z, 0.48, 0.48),
+                     ResamplingRule(), True)
+    assert streams(plan)
+    results = []
+    for threads in (1, 3):
+        conf = np.zeros(plan.out_shape, dtype=np.uint8)
+        labels, probs = labels_faithful(sliding_window_blocks(data, nearest_centre_net, K, cfg), plan, K, True,
+                                        on_plane=ConfidenceRows(conf), threads=threads)
+        results.append((labels, probs, conf))
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+    assert len(np.unique(results[0][0])) > 5 and results[0][2].min() < 255
 
 
 def test_big_volume_peak_memory_stays_far_below_the_full_logits():
