@@ -158,7 +158,7 @@ def segment_folder(src: Path, dst: Path, options, args) -> int:
         seg.write_outputs(vol, pred, case_outputs(case.output, args, folder=True), timer)
         return CaseReport(pred.tiles, dict(timer.t))
 
-    with tqdm(total=len(cases), desc="segment", unit="case", disable=args.quiet) as bar:
+    with tqdm(total=len(cases), desc="segment", unit="case", disable=True if args.quiet else None) as bar:  # TTY only
         outcomes = run_folder(cases, dst, CaseStages(read, compute, write), args.overwrite, progress=bar.update)
     if args.statistics is not None:
         from .statistics import write_folder_csv
@@ -340,7 +340,10 @@ def run_command(func, args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
-    return run_command(args.func, args)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines print above a progress bar instead of through it
+        return run_command(args.func, args)
 
 
 if __name__ == "__main__":

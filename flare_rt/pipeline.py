@@ -238,7 +238,7 @@ class Segmenter:
         from tqdm import tqdm
 
         t0 = time.perf_counter()
-        with tqdm(desc="tiles", unit="tile", disable=not self.progress, leave=False) as bar:
+        with tqdm(desc="tiles", unit="tile", disable=None if self.progress else True, leave=False) as bar:  # TTY only
             blocks = sliding_window_blocks(data, network, meta.num_classes, window, keep_tile=keep, progress=bar)
             net_labels = np.zeros(back.in_shape, dtype=np.uint8) if opts.network_labels else None
             if net_labels is not None:

@@ -86,6 +86,56 @@ def test_folder_statistics_csv_has_a_row_per_case(tmp_path, small_ct_path):
     assert rows[0] == rows[1] | {"case": "p1"}
 
 
+def on_a_terminal(cmd: list[str]) -> str:
+    """What ``cmd`` writes to a 120-column pseudo-terminal (stdout and stderr), after it exits with 0."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_only_on_a_terminal_and_never_through_a_log_line(tmp_path, small_ct_path):
+    """The tile bar (one file) and the case bar (folder mode) are drawn on a terminal only (logs and
+    containers get plain lines), and there every log line starts a line of its own instead of running
+    on after a bar."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("p1", "p2"):
+        shutil.copyfile(small_ct_path, src / f"{name}_0000.nii.gz")
+    segment = [sys.executable, "-m", "flare_rt", "segment", "--threads", "1", *QUICK]
+
+    piped = subprocess.run([*segment, str(src), str(tmp_path / "piped")], cwd=REPO, capture_output=True, timeout=300)
+    stderr = piped.stderr.decode()  # bytes: text mode would turn a bar's carriage returns into newlines
+    assert piped.returncode == 0, stderr
+    assert "\r" not in stderr and stderr.count("INFO flare_rt.pipeline") == 2
+
+    for args, bar in [((str(src), str(tmp_path / "tty")), "segment:"),
+                      ((str(small_ct_path), str(tmp_path / "one.nii.gz")), "tiles:")]:
+        screen = on_a_terminal([*segment, *args])
+        assert bar in screen  # the bar was drawn
+        starts = [i for i in range(len(screen)) if screen.startswith(("INFO ", "WARNING ", "ERROR "), i)]
+        assert len(starts) >= 4
+        assert all(i == 0 or screen[i - 1] in "\r\n" for i in starts), [screen[max(0, i - 40):i] for i in starts]
+
+
 # -- layers ---------------------------------------------------------------------------------------------
 def imports_of(path: Path) -> set[str]:
     """flare_rt modules imported by a source file (absolute and relative imports, at any depth)."""
