@@ -116,9 +116,9 @@ def share_torch_pool_and_stream(cupy, torch) -> None:
         return
 
     def allocate(size: int):
-        if size == 0:
-            return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(0, 0, None), 0)
         device = cupy.cuda.Device().id
+        if size == 0:  # every empty array (a nonzero() that finds nothing); a null pointer must name its device
+            return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(0, 0, None, device), 0)
         stream = torch.cuda.current_stream(device)
         ptr = torch.cuda.caching_allocator_alloc(size, device, stream)
         mem = cupy.cuda.UnownedMemory(ptr, size, _TorchBlock(ptr, torch), device)

@@ -174,6 +174,25 @@ class Segmenter:
 
     # -- stages -------------------------------------------------------------------------------
     def predict(self, volume: Volume, timer: StageTimer | None = None) -> Prediction:
+        """Labels (and what the options ask for) of ``volume`` on its own grid. Out of memory in the sliding
+        window (and the way back it streams into) retries with smaller tile batches; elsewhere (upload,
+        preprocessing, download), or with one tile per batch, it is a :class:`ResourceError` (exit code 7)."""
+        try:
+            return self._predict(volume, timer)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_out_of_memory(exc):
+                raise
+            free_cached_memory(self.xp)
+            raise self._out_of_memory(volume, "outside the sliding window", exc) from exc
+
+    def _out_of_memory(self, volume: Volume, where: str, exc: BaseException) -> ResourceError:
+        if is_device(self.xp):
+            return ResourceError(f"{volume.source}: out of GPU memory {where} ({type(exc).__name__}); use a GPU "
+                                 "with more free memory, or --device cpu")
+        return ResourceError(f"{volume.source}: out of host memory {where} ({type(exc).__name__}); use a machine "
+                             "with more free RAM")
+
+    def _predict(self, volume: Volume, timer: StageTimer | None) -> Prediction:
         xp = self.xp
         timer = timer or StageTimer()
         timer.sync = (lambda: synchronize(xp)) if is_device(xp) else None
@@ -206,9 +225,7 @@ class Segmenter:
                     raise
                 free_cached_memory(xp)
                 if window.batch_size == 1:
-                    raise ResourceError(f"{volume.source}: out of {'GPU' if is_device(xp) else 'host'} memory "
-                                        f"even with one tile per batch ({type(exc).__name__}); use a device with more "
-                                        "free memory, or --device cpu") from exc
+                    raise self._out_of_memory(volume, "even with one tile per batch", exc) from exc
                 smaller = replace(window, batch_size=max(1, window.batch_size // 2))
                 log.warning("%s: out of memory with %d tiles per batch; retrying with %d", volume.source,
                             window.batch_size, smaller.batch_size)

@@ -105,6 +105,78 @@ def test_other_errors_are_not_retried(small_ct_path):
     assert Broken.calls == 1
 
 
+def test_out_of_memory_outside_the_window_is_a_resource_error(small_ct_path, monkeypatch):
+    """Upload and preprocessing are not retried (nothing to make smaller): one typed error, exit code 7."""
+    import flare_rt.pipeline as pipeline
+
+    def tight_resample(*args, **kwargs):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 26.00 MiB")
+
+    monkeypatch.setattr(pipeline, "resample", tight_resample)
+    ct = load_volume(small_ct_path)
+    with pytest.raises(ResourceError, match="out of host memory outside the sliding window .OutOfMemoryError.") \
+            as info:
+        Segmenter(Bundle.load(packaged_model()), BandNet(), SegmentOptions()).predict(ct)
+    assert info.value.exit_code == 7 and str(small_ct_path.name) in str(info.value)
+
+    def broken_resample(*args, **kwargs):
+        raise ValueError("not a memory problem")
+
+    monkeypatch.setattr(pipeline, "resample", broken_resample)
+    with pytest.raises(ValueError, match="not a memory problem"):
+        Segmenter(Bundle.load(packaged_model()), BandNet(), SegmentOptions()).predict(ct)
+
+
+def test_cupy_allocates_through_torch_and_empty_arrays_name_their_device(monkeypatch):
+    """The allocator handed to CuPy (doubles of the CuPy and torch calls it makes): a block of torch's
+    caching allocator per request, given back when CuPy drops it, on torch's stream; a 0-byte request
+    (CuPy makes one for every empty array) is a null pointer that names its device, as CuPy requires."""
+    import types
+
+    from flare_rt.gpu import share_torch_pool_and_stream
+
+    log = []
+
+    class UnownedMemory:
+        def __init__(self, ptr, size, owner, device_id=-1):
+            if device_id < 0 and ptr == 0:  # cupy/cuda/memory.pyx
+                raise RuntimeError("UnownedMemory requires explicit device ID for a null pointer.")
+            self.ptr, self.size, self.owner, self.device_id = ptr, size, owner, device_id
+
+    class MemoryPointer:
+        def __init__(self, mem, offset):
+            self.mem, self.ptr = mem, mem.ptr + offset
+
+    class ExternalStream:
+        def __init__(self, ptr):
+            self.ptr = ptr
+
+        def use(self):
+            log.append(("stream", self.ptr))
+
+    cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=3), UnownedMemory=UnownedMemory,
+                                 MemoryPointer=MemoryPointer, ExternalStream=ExternalStream,
+                                 set_allocator=lambda f: log.append(("allocator", f)))
+    torch_cuda = types.SimpleNamespace(
+        current_stream=lambda device=None: types.SimpleNamespace(cuda_stream=0, device=device),
+        caching_allocator_alloc=lambda size, device, stream: log.append(("alloc", size, device)) or 4096,
+        caching_allocator_delete=lambda ptr: log.append(("free", ptr)))
+    monkeypatch.setattr(share_torch_pool_and_stream, "done", False, raising=False)
+    share_torch_pool_and_stream(types.SimpleNamespace(cuda=cuda), types.SimpleNamespace(cuda=torch_cuda))
+    allocate = log[0][1]
+    assert log[1] == ("stream", 0)  # torch's current stream is CuPy's
+
+    empty = allocate(0)
+    assert empty.ptr == 0 and empty.mem.device_id == 3 and not any(e[0] == "alloc" for e in log)
+    block = allocate(1024)
+    assert block.ptr == 4096 and block.mem.device_id == 3 and log[-1] == ("alloc", 1024, 3)
+    del block
+    import gc
+
+    gc.collect()
+    assert log[-1] == ("free", 4096)
+
+
 # -- on a GPU -----------------------------------------------------------------------------------------------
 
 

@@ -49,7 +49,8 @@ class EngineConfig:
         """The profile the pipeline needs for ``--batch-size B``: min 1, opt = max = B."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-        return cls(precision, 1, batch_size, batch_size, workspace_mb, timing_cache)
+        return cls(precision, 1, batch_size, batch_size, workspace_mb,
+                   Path(timing_cache) if timing_cache is not None else None)
 
     @property
     def profile(self) -> tuple[int, int, int]:

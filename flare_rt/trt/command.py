@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ..errors import EngineError
 from .build import DEFAULT_WORKSPACE_MB, PRECISIONS, EngineConfig
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine precision (default: the bundle's)")
     parser.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MB, metavar="MB",
                         help="scratch memory TensorRT's kernels may use (default %(default)s MB)")
-    parser.add_argument("--timing-cache", default=None, metavar="PATH",
+    parser.add_argument("--timing-cache", type=Path, default=None, metavar="PATH",
                         help="timing cache file (default: beside the engines, per GPU and TensorRT version)")
     parser.add_argument("--gpu", default=None, metavar="NAME",
                         help="refuse unless this machine's GPU is NAME (e.g. 'RTX 5000'): the card the engine is for")

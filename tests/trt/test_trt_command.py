@@ -37,6 +37,18 @@ def test_build_ahead_of_time_then_reuse(gpu_stack, packaged_bundle, capsys):
     assert forced["engine"] == out["engine"]
 
 
+def test_a_named_timing_cache_is_written_and_read_back(gpu_stack, capsys, tmp_path):
+    stack = gpu_stack()
+    timing = tmp_path / "tc" / "rtx5000.cache"
+    rc, out, _ = run(capsys, "--timing-cache", str(timing))
+    assert rc == 0 and out["timing"] == str(timing) and timing.is_file()
+    first = timing.read_bytes()
+    rc, _, _ = run(capsys, "--timing-cache", str(timing), "--force")  # the second build starts from it
+    assert rc == 0
+    assert [c[1] for c in stack.trt.CALLS if c[0] == "create_timing_cache"] == [b"", first]
+    assert timing.read_bytes() != first  # and saves what it added
+
+
 def test_fp32_engine_from_the_fp16_bundle(gpu_stack, capsys):
     stack = gpu_stack()
     rc, out, _ = run(capsys, "--precision", "fp32")
