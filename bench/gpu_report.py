@@ -193,6 +193,10 @@ def failure_lines(case: dict) -> list[str]:
     out = []
     for name, entry in case["systems"].items():
         s = entry.get("summary", {})
+        fell_back = [r.get("rep") for r in entry.get("runs", []) if (r.get("report") or {}).get("fell_back_to_cpu_results")]
+        if fell_back:  # its time includes a second sliding window with the results on the CPU
+            out += ["", f"{name} {', '.join(fell_back)}: nnU-Net hit a RuntimeError on the device and reran its whole "
+                        "sliding window with the results arrays on the CPU (its own fallback); its times include both"]
         tails = [(r.get("rep"), r.get("stderr_tail", "")) for r in entry.get("runs", []) if not r.get("ok")]
         for rep, tail in tails[:1]:
             out += ["", f"{name} {rep} failed{' (ok in other runs)' if s.get('ok') else ''}:", "```",

@@ -147,6 +147,14 @@ def run_staged(args, timings: dict) -> dict:
         return out
 
     predictor._internal_maybe_mirror_and_predict = timed_forward
+    on_device: list[bool] = []  # nnU-Net reruns the whole window with results on the CPU after any RuntimeError
+    window = predictor._internal_predict_sliding_window_return_logits
+
+    def recorded_window(data, slicers, do_on_device=True):
+        on_device.append(bool(do_on_device))
+        return window(data, slicers, do_on_device)
+
+    predictor._internal_predict_sliding_window_return_logits = recorded_window
     t = time.perf_counter()
     logits = predictor.predict_logits_from_preprocessed_data(data).cpu().detach().numpy()
     timings["window"] = time.perf_counter() - t
@@ -163,7 +171,9 @@ def run_staged(args, timings: dict) -> dict:
     t = time.perf_counter()
     rw.write_seg(seg, args.output, props)
     timings["write"] = time.perf_counter() - t
-    return {"tiles": tiles, "network_shape": network_shape, "labels_present": np.unique(seg).tolist()}
+    return {"tiles": tiles, "network_shape": network_shape, "labels_present": np.unique(seg).tolist(),
+            "window_results_on_device": on_device,
+            "fell_back_to_cpu_results": args.device == "cuda" and on_device != [True]}
 
 
 def run_files(args, timings: dict) -> dict:
@@ -204,7 +214,8 @@ def main(argv=None) -> int:
     args.io_class = pick_io(args.io, simpleitk_installed=not stand_in)
     timings: dict[str, float] = {}
     extra = (run_staged if args.mode == "staged" else run_files)(args, timings)
-    import nnunetv2
+    from importlib.metadata import version
+
     import torch
 
     if args.device == "cuda":
@@ -214,7 +225,7 @@ def main(argv=None) -> int:
         backend = f"torch {torch.__version__} cpu, {torch.get_num_threads()} threads"
     report = {"input": args.input, "output": args.output, "mode": f"nnunet-{args.mode}", "backend": backend,
               "device": args.device, "io": args.io_class, "simpleitk_stand_in": stand_in,
-              "nnunetv2": getattr(nnunetv2, "__version__", None), "timings_s": timings,
+              "nnunetv2": version("nnunetv2"), "timings_s": timings,
               "total_s": time.perf_counter() - T_START, **extra}
     Path(args.report).write_text(json.dumps(report, indent=1))
     return 0

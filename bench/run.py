@@ -209,7 +209,8 @@ def run_once(system: System, case: str, image: Path, rep: str, work: Path, bundl
     start = "warm" if cache.is_dir() else "cold"
     cache.mkdir(parents=True, exist_ok=True)
     env, extra_env = environment(system, args.threads, cache)
-    cmd = command(system, image, out, report_path, bundle, args, network_labels=rep in ("warmup", "r1"))
+    wanted = system.device == "cpu" and FP32_REFERENCE in args.system_names  # only vs_fp32 compares them
+    cmd = command(system, image, out, report_path, bundle, args, network_labels=wanted and rep in ("warmup", "r1"))
     load = os.getloadavg()[0]
     sampler = gpu_memory.GpuMemorySampler(gpu_source, device=args.gpu_name) if gpu_source is not None else None
     res = run_monitored(cmd, d / f"{system.name}.{rep}", env=env, cwd=REPO, timeout_s=timeout_s or args.timeout,
@@ -429,8 +430,9 @@ def cpu_markdown(result: dict) -> str:
              f"- nnU-Net peer: nnUNetPredictor on CPU, tile step 0.5, Gaussian, no mirroring, "
              f"perform_everything_on_device=False, torch threads {cfg['threads']}",
              f"- Repeats: {cfg['repeats']} (median, (min–max) when >1), warm-up {'on' if cfg['warmup'] else 'off'}; "
-             "wall = whole process (start-up, imports, model load, I/O); flare-rt's first run (warm-up or r1) also "
-             "saves its network-resolution argmax for the agreement columns (an extra argmax, ~1 s on ts269)",
+             "wall = whole process (start-up, imports, model load, I/O)"
+             + ("; flare-rt's first run (warm-up or r1) also saves its network-resolution argmax for the agreement "
+                "columns (an extra argmax, ~1 s on ts269)" if FP32_REFERENCE in cfg["systems"] else ""),
              f"- Peak RSS: {m['sampler']}", ""]
     for case, c in result["cases"].items():
         info = c["info"]
@@ -562,8 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats-for", action="append", default=[], metavar="SYSTEM=N",
                    help="timed runs for one system instead of --repeats (repeatable), e.g. cuda_nnunet=1")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for all timed runs: a run that would not fit (its timeout, or the last run of "
-                        "that system x 1.5 when there is one) is skipped and reported as such")
+                   help="seconds for the whole benchmark from the GPU prime on, less a reserve for the agreement "
+                        "computations: a run that would not fit (the last run of that system x 1.5 when there is "
+                        "one) is skipped and reported as such")
+    p.add_argument("--order", choices=["interleaved", "system"], default="interleaved",
+                   help="interleaved (default): each repeat runs every system, so drift hits all alike; system: "
+                        "all runs of a system before the next, in --systems order (a --budget then cuts the last "
+                        "systems, not the warm runs of the first)")
     p.add_argument("--gpu-index", type=int, default=0, help="NVML index of the GPU whose memory is sampled")
     p.add_argument("--no-prime", action="store_true",
                    help="GPU systems: skip the untimed start-up that loads torch/CuPy into the page cache first")
@@ -592,21 +599,40 @@ def prime(args, work: Path) -> dict:
     """Untimed start-up of torch (and CuPy, where installed) on the GPU, so the first timed system does not
     alone pay for reading their libraries from disk. It runs with its own throwaway cache folder."""
     code = ("import importlib.util, torch; torch.zeros(1, device='cuda'); "
+            "x = torch.zeros(1, 1, 8, 8, 8, device='cuda', dtype=torch.half); "
+            "torch.nn.functional.conv3d(x, torch.zeros(1, 1, 3, 3, 3, device='cuda', dtype=torch.half)); "
+            "torch.cuda.synchronize(); "  # cuDNN's sub-libraries load on the first convolution
             "cp = importlib.util.find_spec('cupy') and __import__('cupy'); cp and cp.zeros(1).sum()")
     cache = work / "cache-prime"
     env = {**os.environ, **{k: str(cache / sub) if sub else str(cache) for k, sub in CACHE_ENV.items()}}
     res = run_monitored([sys.executable, "-c", code], work / "prime", env=env, cwd=REPO, timeout_s=120)
-    log.info("primed the page cache (torch%s): %.1f s%s", "/CuPy", res.wall_s or 0,
+    log.info("primed the page cache (torch, cuDNN%s): %.1f s%s", "/CuPy", res.wall_s or 0,
              "" if res.ok else f", failed rc={res.returncode}: {res.stderr_tail}")
     return {"ok": res.ok, "wall_s": res.wall_s, "returncode": res.returncode}
+
+
+def run_order(reps: list[str], systems: list[str], order: str) -> list[tuple[str, str]]:
+    """(repeat, system) pairs of one case: ``interleaved``, each repeat runs every system; ``system``, all
+    repeats of one system before the next (the warm-up stays first: it primes every system)."""
+    if order == "interleaved":
+        return [(rep, name) for rep in reps for name in systems]
+    warm = [("warmup", name) for name in systems if "warmup" in reps]
+    return warm + [(rep, name) for name in systems for rep in reps if rep != "warmup"]
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+AGREEMENT_RESERVE_S = 3.0  # per system and case: reading labels and comparing them after the last run
+
+
 def budget_left(args, t_bench: float) -> float:
-    return float("inf") if args.budget is None else args.budget - (time.perf_counter() - t_bench)
+    """Seconds of ``--budget`` the runs may still use (a reserve is kept for the agreement computations)."""
+    if args.budget is None:
+        return float("inf")
+    reserve = AGREEMENT_RESERVE_S * len(args.system_names) * len(args.case_names)
+    return args.budget - reserve - (time.perf_counter() - t_bench)
 
 
 def over_budget(args, t_bench: float, previous: list[dict]) -> str | None:
@@ -632,6 +658,7 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    args.case_names, args.system_names = case_names, system_names
     try:
         repeats = parse_repeats_for(args.repeats_for, system_names, args.repeats)
     except argparse.ArgumentTypeError as exc:
@@ -678,6 +705,7 @@ def main(argv=None) -> int:
                          "bundles": {k: str(v) for k, v in bundles.items()},
                          "work_dir": str(work), "argv": sys.argv},
               "systems": {n: asdict(SYSTEMS[n]) for n in system_names}, "cases": {}}
+    t_bench = time.perf_counter()  # --budget counts from here: the prime is part of the benchmark's time
     if gpu_source is not None and not args.no_prime:
         result["prime"] = prime(args, work)
     if result["machine"]["loadavg_at_start"][0] > 0.5:
@@ -700,7 +728,7 @@ def main(argv=None) -> int:
     n_reps = max(repeats.values())
     total = len(case_names) * sum(repeats[n] + int(args.warmup) for n in system_names)
     k = 0
-    t_bench = time.perf_counter()
+    agreed: set[str] = set()
     signal.signal(signal.SIGTERM, _interrupt)  # a timeout around the benchmark still gets the results written
     try:
         for case in case_names:
@@ -709,42 +737,44 @@ def main(argv=None) -> int:
                                          "systems": {n: {"runs": [], "output": str(work / case / f"{n}.nii.gz")}
                                                      for n in system_names}}
             reps = (["warmup"] if args.warmup else []) + [f"r{i + 1}" for i in range(n_reps)]
-            for rep in reps:  # interleaved: each repeat runs every system, so drift hits all alike
-                for name in system_names:
-                    if rep != "warmup" and int(rep[1:]) > repeats[name]:
-                        continue
-                    k += 1
-                    log.info("[%d/%d] %s %s %s ...", k, total, case, name, rep)
-                    skip = over_budget(args, t_bench, c["systems"][name]["runs"])
-                    if skip:
-                        run = {"rep": rep, "ok": False, "returncode": None, "timed_out": False, "skipped": True,
-                               "stderr_tail": skip}
-                    elif bundle_errors.get(SYSTEMS[name].precision) and SYSTEMS[name].kind == "flare":
-                        run = {"rep": rep, "ok": False, "returncode": None, "timed_out": False,
-                               "stderr_tail": bundle_errors[SYSTEMS[name].precision]}
-                    else:
-                        run = run_once(SYSTEMS[name], case, image, rep, work, bundles[SYSTEMS[name].precision], args,
-                                       gpu_source, timeout_s=min(args.timeout, budget_left(args, t_bench)))
-                    if run["ok"]:
-                        mem = gpu_memory.summary(run.get("gpu_memory"))["max_mib"]
-                        log.info("[%d/%d] %s %s %s (%s start): %.1f s, peak RSS %.2f GB%s", k, total, case, name,
-                                 rep, run["start"], run["wall_s"], run["peak_rss_gb"],
-                                 f", GPU {mem:.0f} MiB" if mem is not None else "")
-                    else:
-                        log.error("[%d/%d] %s %s %s FAILED (rc=%s)%s\n%s", k, total, case, name, rep,
-                                  run["returncode"], " timeout" if run["timed_out"] else "", run["stderr_tail"])
-                    if rep == "warmup":
-                        c["systems"][name]["warmup"] = {x: run.get(x) for x in ("ok", "wall_s", "peak_rss_gb")}
-                    else:
-                        c["systems"][name]["runs"].append(run)
-                        summarise_case(c)
-                        save()  # after every run: a benchmark cut short keeps what it measured
+            for rep, name in run_order(reps, system_names, args.order):
+                if rep != "warmup" and int(rep[1:]) > repeats[name]:
+                    continue
+                k += 1
+                log.info("[%d/%d] %s %s %s ...", k, total, case, name, rep)
+                skip = over_budget(args, t_bench, c["systems"][name]["runs"])
+                if skip:
+                    run = {"rep": rep, "ok": False, "returncode": None, "timed_out": False, "skipped": True,
+                           "stderr_tail": skip}
+                elif bundle_errors.get(SYSTEMS[name].precision) and SYSTEMS[name].kind == "flare":
+                    run = {"rep": rep, "ok": False, "returncode": None, "timed_out": False,
+                           "stderr_tail": bundle_errors[SYSTEMS[name].precision]}
+                else:
+                    run = run_once(SYSTEMS[name], case, image, rep, work, bundles[SYSTEMS[name].precision], args,
+                                   gpu_source, timeout_s=min(args.timeout, budget_left(args, t_bench)))
+                if run["ok"]:
+                    mem = gpu_memory.summary(run.get("gpu_memory"))["max_mib"]
+                    log.info("[%d/%d] %s %s %s (%s start): %.1f s, peak RSS %.2f GB%s", k, total, case, name,
+                             rep, run["start"], run["wall_s"], run["peak_rss_gb"],
+                             f", GPU {mem:.0f} MiB" if mem is not None else "")
+                else:
+                    log.error("[%d/%d] %s %s %s FAILED (rc=%s)%s\n%s", k, total, case, name, rep,
+                              run["returncode"], " timeout" if run["timed_out"] else "", run["stderr_tail"])
+                if rep == "warmup":
+                    c["systems"][name]["warmup"] = {x: run.get(x) for x in ("ok", "wall_s", "peak_rss_gb")}
+                else:
+                    c["systems"][name]["runs"].append(run)
+                    summarise_case(c)
+                    save()  # after every run: a benchmark cut short keeps what it measured
             summarise_case(c)
             add_agreement(c, names)
+            agreed.add(case)
             save()
     except KeyboardInterrupt:
         log.error("interrupted: writing what was measured")
-        for c in result["cases"].values():
+        for case, c in result["cases"].items():
+            if case in agreed:
+                continue
             summarise_case(c)
             try:
                 add_agreement(c, names)

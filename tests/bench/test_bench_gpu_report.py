@@ -79,6 +79,13 @@ def test_markdown_agreement_goals_and_failures():
     assert "- cuda_torch_fast: end to end 12.00× faster than nnU-Net on the same card (goal ≥ 5×): **reached**" in md
     assert "whole-device peak 1200 MiB incl. the CUDA context (goal < 1.5 GB = 1431 MiB): **reached**" in md
     assert "cuda_torch_faithful r1 failed:" in md and "flare-rt: boom" in md
+    assert "reran its whole sliding window" not in md
+
+    result = make_result()
+    nn_run = result["cases"]["ts269"]["systems"]["cuda_nnunet"]["runs"][0]
+    nn_run["report"] = {**(nn_run.get("report") or {}), "fell_back_to_cpu_results": True}
+    assert ("cuda_nnunet r1: nnU-Net hit a RuntimeError on the device and reran its whole sliding window"
+            in gpu_report.markdown(result))
 
 
 def test_markdown_table_rejects_ragged_rows():

@@ -77,7 +77,12 @@ def test_gpu_benchmark_flow(tmp_path, fake_gpu, fp32_bundle, demo_nnunet_dir):
     faithful = systems["cuda_torch_faithful"]["summary"]
     assert faithful["vs_nnunet"]["reference"] == "cuda_nnunet" and "vs_cpu" not in faithful
     assert systems["cuda_nnunet"]["summary"]["time_ratio"] == 1.0
-    assert systems["cuda_nnunet"]["runs"][0]["report"]["device"] == "cpu"  # the fake: --device swapped
+    nn_report = systems["cuda_nnunet"]["runs"][0]["report"]
+    assert nn_report["device"] == "cpu"  # the fake: --device swapped
+    assert nn_report["window_results_on_device"] == [False] and nn_report["fell_back_to_cpu_results"] is False
+    assert nn_report["nnunetv2"].count(".") >= 1  # its installed version
+    # network-resolution labels only where they are compared (CPU systems beside fast_ort): none here
+    assert not list((out / result["timestamp"] / "tiny").glob("*.net.npz"))
 
     [csv_path] = out.glob("*.csv")
     with open(csv_path, newline="") as f:
@@ -102,6 +107,25 @@ def test_budget_skips_what_cannot_fit(tmp_path, fake_gpu, fp32_bundle, demo_nnun
     runs = result["cases"]["tiny"]["systems"]["cuda_torch_fast"]["runs"]
     assert len(runs) == 3 and all(r.get("skipped") for r in runs)
     assert "of the --budget left" in runs[0]["stderr_tail"]
+
+
+def test_run_order():
+    reps = ["warmup", "r1", "r2"]
+    assert run.run_order(reps, ["a", "b"], "interleaved") == [
+        ("warmup", "a"), ("warmup", "b"), ("r1", "a"), ("r1", "b"), ("r2", "a"), ("r2", "b")]
+    assert run.run_order(reps, ["a", "b"], "system") == [
+        ("warmup", "a"), ("warmup", "b"), ("r1", "a"), ("r2", "a"), ("r1", "b"), ("r2", "b")]
+    assert run.run_order(["r1"], ["a", "b"], "system") == [("r1", "a"), ("r1", "b")]
+
+
+def test_budget_keeps_a_reserve_for_the_agreements():
+    import time
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(budget=100.0, system_names=["a", "b", "c"], case_names=["x", "y"])
+    left = run.budget_left(args, time.perf_counter())
+    assert 100 - 6 * run.AGREEMENT_RESERVE_S - 1 < left <= 100 - 6 * run.AGREEMENT_RESERVE_S
+    assert run.budget_left(SimpleNamespace(budget=None), time.perf_counter()) == float("inf")
 
 
 def test_bad_repeats_for_is_a_usage_error(capsys):
