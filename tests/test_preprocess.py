@@ -2,11 +2,13 @@
 one linear-interpolation rule shared by resampling and fast mode's label refinement."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from scipy import ndimage
 
 from flare_rt.preprocess import body_crop, nonzero_crop, paste
-from flare_rt.resample import linear_weights, upsample_labels_nearest
+from flare_rt.resample import linear_plane, linear_weights, resize_skimage, upsample_labels_nearest
 
 
 def test_empty_image_crop_is_whole_volume():
@@ -49,3 +51,28 @@ def test_linear_weights_are_ndimage_zoom_order_1():
         ref = ndimage.zoom(x, n_out / n_in, order=1, mode="nearest", grid_mode=True)
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
         assert linear_weights(n_in, n_out, np.float32)[2].dtype == np.float32
+
+
+def test_separable_plane_interpolation_is_scipys_zoom():
+    """``linear_plane`` (faithful mode's per-class in-plane resize) against ``ndimage.zoom(order=1)``: float64
+    to its rounding, float32 to at most one unit in the last place (and bitwise on a real way back's
+    333x333 -> 512x512 plane); ``resize_skimage`` takes it for order-1 float32 planes and still clips."""
+    rng = np.random.default_rng(1)
+    shapes = [(1, 7), (5, 5), (120, 77), (64, 200), (333, 333)]
+    for (h, w), (H, W), dtype in itertools.product(shapes, [(1, 3), (7, 9), (60, 38), (512, 512)],
+                                                   (np.float32, np.float64)):
+        x = (rng.standard_normal((h, w)) * 10).astype(dtype)
+        ref = ndimage.zoom(x, (H / h, W / w), order=1, mode="nearest", grid_mode=True)
+        got = linear_plane(x, (H, W))
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        if dtype == np.float64:
+            np.testing.assert_allclose(got, ref, rtol=1e-14, atol=1e-13)
+        else:
+            assert np.all(np.abs(got - ref) <= np.spacing(np.abs(ref))), (h, w, H, W)
+            if (h, w, H, W) == (333, 333, 512, 512):
+                assert np.array_equal(got, ref)
+    x = rng.standard_normal((40, 30)).astype(np.float32)
+    out = resize_skimage(x, (90, 70), 1, np.float32)
+    assert x.min() <= out.min() and out.max() <= x.max()
+    assert np.all(np.abs(out - ndimage.zoom(x, (90 / 40, 70 / 30), order=1, mode="nearest", grid_mode=True))
+                  <= np.spacing(np.float32(10)))
