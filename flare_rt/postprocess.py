@@ -14,8 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from .kernels import native_enabled
-from .resample import ResamplePlan, block_rows, linear_weights, resample, resize_skimage, z_source_index
-from .threads import run_split
+from .resample import ResamplePlan, each_source_row, linear_weights, resample, resize_skimage, z_source_index
 from .xp import array_module, to_device
 
 
@@ -36,7 +35,7 @@ def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want
     (written into ``out`` if given) and float16 probabilities if asked. ``on_plane(row, logits)``, if given,
     sees the resampled (K, Y, X) logits of every output row (e.g. :class:`flare_rt.confidence.ConfidenceRows`);
     it must only write that row, for the source rows of a block are resampled on ``threads`` CPU threads
-    (:func:`flare_rt.threads.run_split`; one loop on a GPU). A source row shared by consecutive output rows
+    (:func:`flare_rt.resample.each_source_row`; one loop on a GPU). A source row shared by consecutive output rows
     is resampled once."""
     out_shape = plan.out_shape
     if not streams(plan):  # rare (isotropic or x/y-anisotropic models): resample per class, running argmax
@@ -54,22 +53,20 @@ def labels_faithful(blocks: Iterable, plan: ResamplePlan, num_classes: int, want
     probs = xp.zeros((num_classes, *out_shape), dtype=np.float16) if want_probabilities else None
     idx = z_source_index(plan.in_shape[0], out_shape[0])
     for z0, z1, blk in itertools.chain([first], blocks):
-        rows = block_rows(idx, z0, z1)
-
-        def one(s, blk=blk, z0=z0, rows=rows):
+        def one(s, ks, blk=blk, z0=z0):
             plane = blk[:, s - z0]
             planes = xp.stack([resize_skimage(plane[c].astype(compute_dtype, copy=False), out_shape[1:],
                                               plan.order, np.float32) for c in range(num_classes)])
             argmax = planes.argmax(0)
             p = softmax(planes).astype(np.float16) if want_probabilities else None
-            for k in rows[s]:
+            for k in ks:
                 labels[k] = argmax
                 if on_plane is not None:
                     on_plane(k, planes)
                 if p is not None:
                     probs[:, k] = p
 
-        run_split(one, list(rows), threads, xp)
+        each_source_row(idx, z0, z1, one, threads, xp)
     return labels, probs
 
 
@@ -135,7 +132,7 @@ def labels_refined(blocks: Iterable, plan: ResamplePlan, out=None, threads: int 
     """Fast mode's labels for nnU-Net's usual back-resampling (in-plane order 1, z order 0): the
     argmax of the resampled logits, as :func:`labels_faithful`, at the cost of a label upsampling
     (written into ``out`` if given). The rows of a block are refined on ``threads`` CPU threads
-    (:func:`flare_rt.threads.run_split`; one loop on a GPU)."""
+    (:func:`flare_rt.resample.each_source_row`; one loop on a GPU)."""
     if not refinable(plan):
         raise ValueError(f"boundary-refined upsampling needs in-plane order 1 and z order 0, got {plan}")
     blocks = iter(blocks)
@@ -150,14 +147,12 @@ def labels_refined(blocks: Iterable, plan: ResamplePlan, out=None, threads: int 
     weights = plane_weights(plan.in_shape[1:], plan.out_shape[1:], xp)
     labels = out if out is not None else xp.zeros(plan.out_shape, dtype=np.uint8)
     for z0, z1, blk in blocks:
-        rows = block_rows(idx, z0, z1)
-
-        def one(s, blk=blk, z0=z0, rows=rows):
+        def one(s, ks, blk=blk, z0=z0):
             plane = refine_plane(blk[:, s - z0], plan.out_shape[1:], weights)
-            for k in rows[s]:
+            for k in ks:
                 labels[k] = plane
 
-        run_split(one, list(rows), threads, xp)
+        each_source_row(idx, z0, z1, one, threads, xp)
     return labels
 
 

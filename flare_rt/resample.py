@@ -92,12 +92,14 @@ def z_source_index(n_in: int, n_out: int, xp=np):
     return to_device(idx, xp)
 
 
-def block_rows(idx: np.ndarray, z0: int, z1: int) -> dict[int, list[int]]:
-    """Source rows in [z0, z1) of a z selection ``idx`` -> the output rows taken from each, in order."""
+def each_source_row(idx: np.ndarray, z0: int, z1: int, fn, threads: int | None = None, xp=np) -> None:
+    """``fn(s, ks)`` for every source row ``s`` in [z0, z1) of a z selection ``idx`` (each computed once)
+    with ``ks``, the output rows taken from it, in order; the source rows go to ``threads`` CPU threads
+    (:func:`flare_rt.threads.run_split`; one loop on a GPU), so ``fn`` must write only rows ``ks``."""
     rows: dict[int, list[int]] = {}
     for k in np.flatnonzero((idx >= z0) & (idx < z1)).tolist():
         rows.setdefault(int(idx[k]), []).append(k)
-    return rows
+    run_split(lambda s: fn(s, rows[s]), list(rows), threads, xp)
 
 
 def linear_weights(n_in: int, n_out: int, dtype=np.float64):
@@ -135,7 +137,7 @@ def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64,
     ``pre`` (e.g. CT normalisation) is applied to the input before resampling, slice by slice where the
     plan resamples slices (the same values as applying it to the whole volume first, without a
     full-size float copy of the input). Slices selected along z are resized on ``threads`` CPU threads
-    (:func:`flare_rt.threads.run_split`; one loop on a GPU)."""
+    (:func:`each_source_row`; one loop on a GPU)."""
     xp = array_module(data)
     pre = pre or (lambda a: a)
     out_dtype = out_dtype or data.dtype
@@ -155,15 +157,13 @@ def resample(data, plan: ResamplePlan, out_dtype=None, compute_dtype=np.float64,
     dst = _move(out, ax)
     for ch in range(c):
         if plan.order_z == 0 or n_in == n_out:
-            rows = block_rows(z_source_index(n_in, n_out), 0, n_in)  # each source slice resized once
-
-            def one(s, ch=ch):
+            def one(s, ks, ch=ch):
                 resized = resize_skimage(pre(src[ch, s]).astype(compute_dtype, copy=False), plane, plan.order,
                                          out_dtype)
-                for k in rows[s]:
+                for k in ks:
                     dst[ch, k] = resized
 
-            run_split(one, list(rows), threads, xp)
+            each_source_row(z_source_index(n_in, n_out), 0, n_in, one, threads, xp)
         else:
             planes = xp.stack([resize_skimage(pre(src[ch, s]).astype(compute_dtype, copy=False), plane, plan.order,
                                               compute_dtype) for s in range(n_in)])

@@ -134,7 +134,9 @@ def test_non_ct_calibration_folder_is_named(fp32_bundle, tmp_path, capsys, small
     sitk.WriteImage(img, str(mr / "t1.nii.gz"))
     rc = main(["quantize", str(fp32_bundle), str(tmp_path / "q.onnx"), "--precision", "int8", "--calibration",
                str(mr), "--check", str(small_ct_path), "-q"])
-    one_line_error(capsys, rc, InputImageError.exit_code, f"--calibration {mr}", "t1.nii.gz", "do not look like CT")
+    line = one_line_error(capsys, rc, InputImageError.exit_code, f"--calibration {mr}", "t1.nii.gz",
+                          "do not look like CT")
+    assert line.startswith("flare-rt: error: ")
 
 
 def test_calibration_must_not_hold_a_check_case(fp32_bundle, tmp_path, capsys, small_ct_path):
