@@ -127,10 +127,8 @@ def read_image(path: str | Path, series_uid: str | None = None):
             except RuntimeError as exc:
                 raise InputImageError(f"{path}: cannot read image: unknown format or corrupt file "
                                       f"({_itk_message(exc)})") from exc
-        except BaseException:
+        finally:  # its error, if any, replaces ITK's
             crc.result()
-            raise
-        crc.result()
     if image_suffix(path) in (".nii", ".nii.gz") and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = _nifti_nonfinite(path)
         if bad:
