@@ -14,7 +14,7 @@
 #   with nibabel+scipy, the fp32 flare-rt bundle  4 benchmark: flare-rt torch fast (cold + 2 warm), nnU-Net's
 #   predictor on the GPU, flare-rt faithful (cold + warm), flare-rt fast on the CPU for the agreement
 #   5 report (table per case)  6 memory-time PNG  7 CuPy vs numpy bounds  8 pytest -m "gpu or tensorrt"
-#   9 bench/kernels.py (if present)  10 final report with the RTX 5000 estimate; files into $OUT.
+#   9 bench/kernels.py (if present)  9b bench/gpu_profile.py (memory by allocation site)  10 final report with the RTX 5000 estimate; files into $OUT.
 # $OUT gets at most 8 files (the device tool brings back 8): gpu_check.log, report.md, results.json,
 # results.csv, memory.png, xp.json, pytest.log, runs.tar.gz (logs and reports of every run, no images).
 set -u -o pipefail
@@ -164,6 +164,14 @@ if [ -f bench/kernels.py ]; then
     gpu_step kernels 60 15 "$PY" bench/kernels.py
 else
     say "SKIPPED kernels: bench/kernels.py is not in this tree"
+fi
+
+# 9b. where the memory goes: flare-rt's configuration and single changes of it, each in a fresh process (the table
+# in the log, the JSON in runs.tar.gz)
+if [ -f "$CACHE/ts269_ct.nii.gz" ]; then
+    mkdir -p "$BENCH_OUT/profile"
+    gpu_step profile 100 40 "$PY" bench/gpu_profile.py "$CACHE/ts269_ct.nii.gz" --bundle "$BUNDLE" --variants \
+        --only default,cuda-graph,whole-range-blocks --timeout 45 --json "$BENCH_OUT/profile/profile.json"
 fi
 
 # 10. final report: tables, agreement, CuPy bounds, RTX 5000 estimate; the run logs packed

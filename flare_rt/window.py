@@ -34,6 +34,10 @@ class WindowConfig:
     mirror_axes: tuple[int, ...] = ()  # TTA: all flip combinations over these spatial axes
     gaussian: bool = True
     threads: int | None = None  # CPU threads of the blend (numpy); None: flare_rt.threads.cpu_threads()
+    # most rows per yielded block; None: each finished range at once (up to a patch depth). A block is
+    # K x rows x Y x X float32 and its consumer still holds the previous one while the next is made, so a GPU
+    # run takes a few rows (15 x 32 x 333 x 333 is 213 MiB); the values do not depend on it
+    block_rows: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= 1:
@@ -42,6 +46,8 @@ class WindowConfig:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"blend threads must be >= 1, got {self.threads}")
+        if self.block_rows is not None and self.block_rows < 1:
+            raise ConfigError(f"block rows must be >= 1, got {self.block_rows}")
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise ConfigError(f"mirror axes must be among (0, 1, 2), got {self.mirror_axes}")
 
@@ -161,9 +167,11 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
         while lo < upto:
             n = min(upto - lo, depth)
             a, b = max(lo, z_lo), min(lo + n, z_hi)
-            if b > a:
-                blk = acc[:, a - lo:b - lo, unpad[1], unpad[2]]
-                w = wsum[a - lo:b - lo, unpad[1], unpad[2]]
+            rows = cfg.block_rows or max(b - a, 1)
+            for c0 in range(a, b, rows):
+                c1 = min(c0 + rows, b)
+                blk = acc[:, c0 - lo:c1 - lo, unpad[1], unpad[2]]
+                w = wsum[c0 - lo:c1 - lo, unpad[1], unpad[2]]
                 # every voxel covered (no tile skipped; the Gaussian is > 0): logits / weight; else voxels no
                 # kept tile covers get logits 0 (x / inf) and background 1 (certain background); no sync
                 covered = None if keep_tile is None else w > 0
@@ -172,7 +180,9 @@ def sliding_window_blocks(image, network: Network, num_classes: int, cfg: Window
                 over_classes(lambda k: xp.divide(blk[k], denom, out=out[k]), num_classes, xp, cfg.threads)
                 if covered is not None:
                     out[0] += ~covered
-                yield a - z_lo, b - z_lo, out
+                del blk, w, denom, covered  # only ``out`` lives on while the consumer works
+                yield c0 - z_lo, c1 - z_lo, out
+                del out
 
             def shift(buf):
                 """Rows [n, depth) of (C, depth, ...) ``buf`` to the front, in chunks of n rows front to back

@@ -10,7 +10,7 @@ import pytest
 from flare_rt.bundle import Bundle, ResamplingRule
 from flare_rt.io import load_volume
 from flare_rt.orientation import plan_reorientation
-from flare_rt.pipeline import FastOptions, SegmentOptions, Segmenter, compact_ct, paste_probabilities
+from flare_rt.pipeline import DEVICE_BLOCK_ROWS, FastOptions, SegmentOptions, Segmenter, compact_ct, paste_probabilities
 from flare_rt.postprocess import labels_faithful, labels_refined
 from flare_rt.preprocess import CropInfo, body_crop, ct_normalize, nonzero_crop, paste
 from flare_rt.resample import make_plan, resample, upsample_labels_nearest
@@ -163,6 +163,12 @@ def test_predict_on_the_device_equals_the_host_and_moves_data_once(ct, options):
     # what came back: the labels (and probabilities), plus the tile flags of fast mode's ROI
     expected = ct.array.size + (pred.probabilities.nbytes if options.probabilities else 0)
     assert sum(COUNTERS.downloads) - expected <= 8 * pred.tiles + 64, COUNTERS.downloads
+
+
+def test_the_device_streams_small_logits_blocks():
+    bundle = Bundle.load(packaged_model())
+    assert Segmenter(bundle, DeviceBandNet()).window.block_rows == DEVICE_BLOCK_ROWS
+    assert Segmenter(bundle, BandNet()).window.block_rows is None  # the host: whole ranges for its threads
 
 
 def test_syncs_do_not_grow_with_the_tiles(ct):

@@ -30,6 +30,17 @@ needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU wi
 
 
 # -- on the CPU ---------------------------------------------------------------------------------------------
+def test_torch_allocator_gets_expandable_segments_unless_configured():
+    from flare_rt.backends.torch_backend import allocator_settings
+
+    env = {}
+    allocator_settings(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the user's setting wins, either name
+        env = {name: "max_split_size_mb:64"}
+        allocator_settings(env)
+        assert env == {name: "max_split_size_mb:64"}
+
 def test_fp16_network_keeps_its_norms_in_fp32():
     torch = pytest.importorskip("torch", reason="the torch extra (pip install -e '.[dev]')")
     from flare_rt.nets import UNetConfig, build_network
@@ -231,8 +242,8 @@ def test_cuda_graph_replay_equals_eager_and_one_pool_serves_both(shared_data):
     from flare_rt.backends.torch_backend import TorchBackend
 
     bundle = Bundle.load(packaged_model())
-    graphed = TorchBackend(bundle, BackendOptions(device="cuda"))
-    eager = TorchBackend(bundle, BackendOptions(device="cuda", cuda_graphs=False))
+    graphed = TorchBackend(bundle, BackendOptions(device="cuda", cuda_graphs=True))
+    eager = TorchBackend(bundle, BackendOptions(device="cuda"))
     x = cupy.asarray(np.random.default_rng(0).standard_normal((1, 1, *bundle.meta.patch_size), dtype=np.float32))
     a, b = graphed(x), eager(x)
     first = a.copy()

@@ -70,6 +70,22 @@ def test_blocks_stream_in_order_and_cover_all_rows():
     assert len(rows) > 3  # streamed, not one block
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_block_rows_cap_the_blocks_and_leave_the_values(skip):
+    img = np.random.default_rng(3).standard_normal((1, 50, 16, 12)).astype(np.float32)
+    keep = (lambda o: o[0] != 0) if skip else None  # some rows covered by no kept tile
+    whole = list(sliding_window_blocks(img, two_channel, 2, WindowConfig(PATCH, step=0.5), keep_tile=keep))
+    split = list(sliding_window_blocks(img, two_channel, 2, WindowConfig(PATCH, step=0.5, block_rows=3),
+                                       keep_tile=keep))
+    assert max(z1 - z0 for z0, z1, _ in whole) > 3
+    assert all(0 < z1 - z0 <= 3 for z0, z1, _ in split)
+    assert split[0][0] == 0 and split[-1][1] == 50 and all(a[1] == b[0] for a, b in zip(split, split[1:]))
+    np.testing.assert_array_equal(np.concatenate([b for _, _, b in split], axis=1),
+                                  np.concatenate([b for _, _, b in whole], axis=1))
+    with pytest.raises(ConfigError, match="block rows"):
+        WindowConfig(PATCH, block_rows=0)
+
+
 def test_skipped_tiles_give_certain_background():
     img = np.zeros((1, 40, 16, 12), dtype=np.float32)
     cfg = WindowConfig(PATCH, step=0.5)

@@ -60,7 +60,7 @@ def candidates(backend: str, device: str) -> list[tuple[str, str]]:
 
 
 def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", threads: int | None = None,
-                   batch_size: int = 1) -> Backend:
+                   batch_size: int = 1, cuda_graphs: bool = False) -> Backend:
     if backend != "auto" and backend not in REGISTRY:
         raise ConfigError(f"backend must be auto or one of {sorted(REGISTRY)}, got {backend!r}")
     if threads is not None and threads < 1:
@@ -76,7 +76,7 @@ def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", 
     for i, (name, dev, compute) in enumerate(pairs):
         try:
             b = _load(name)(bundle, BackendOptions(device=dev, threads=threads, precision=compute,
-                                                   batch_size=batch_size))
+                                                   batch_size=batch_size, cuda_graphs=cuda_graphs))
         except BackendUnavailableError as exc:
             if backend != "auto" and i == len(pairs) - 1:
                 raise

@@ -15,7 +15,10 @@ class BackendOptions:
     device: str = "cpu"  # "cpu" or "cuda" (resolved from "auto" by the registry)
     threads: int | None = None  # intra-op CPU threads; None: the runtime's default
     precision: str | None = None  # compute precision; None: the backend's default for the device
-    cuda_graphs: bool = True  # replay the fixed-shape forward as a CUDA graph where the backend can
+    # replay the fixed-shape forward as a CUDA graph where the backend can: network calls ~8 % faster, but the
+    # graph's private pool keeps its activations, +212 MiB whole-device peak on ts269 for < 0.1 s (H200,
+    # bench/gpu_profile.py): off unless asked for (flare-rt segment --cuda-graphs)
+    cuda_graphs: bool = False
     batch_size: int = 1  # largest tile batch the pipeline passes (TensorRT builds its profile for it)
 
 
