@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh              # on the GPU machine (needs .gpucheck/ from bench/gpu_prepare.py)
 #   bash bench/gpu_check.sh --dry-run    # anywhere: the CPU steps run, every GPU step is skipped and says so
 #
-# Options: --dry-run, --budget SECONDS (whole script, default 470), --threads N (default 8).
+# Options: --dry-run, --budget SECONDS (whole script, default 480), --threads N (default 8).
 # Environment: PYTHON (default python3), OUT (results folder; default bench/results/gpucheck-<time>),
 #   GPUCHECK_WORK (scratch, default /tmp/gpucheck).
 #
@@ -14,14 +14,15 @@
 #   with nibabel+scipy, the fp32 flare-rt bundle  4 benchmark: flare-rt torch fast (cold + 2 warm), nnU-Net's
 #   predictor on the GPU, flare-rt faithful (cold + warm), flare-rt fast on the CPU for the agreement
 #   5 report (table per case)  6 memory-time PNG  7 CuPy vs numpy bounds  8 pytest -m "gpu or tensorrt"
-#   9 bench/kernels.py (if present)  9b bench/gpu_profile.py (memory by allocation site)  10 final report with the RTX 5000 estimate; files into $OUT.
+#   9 bench/kernels.py (if present)  9b bench/gpu_profile.py (memory by allocation site)  9c predict.sh on the GPU (bench/predict_check.py)
+#   10 final report with the RTX 5000 estimate; files into $OUT.
 # $OUT gets at most 8 files (the device tool brings back 8): gpu_check.log, report.md, results.json,
 # results.csv, memory.png, xp.json, pytest.log, runs.tar.gz (logs and reports of every run, no images).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=0
-BUDGET=470
+BUDGET=480
 THREADS=8
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -121,7 +122,7 @@ fi
 # 4. the benchmark (each run its own process; --budget makes run.py skip what cannot fit; SIGTERM still writes)
 BENCH_OUT="$WORK/bench"
 rm -rf "$BENCH_OUT"
-BENCH_BUDGET=$(( $(left) - 150 ))            # leave time for the report, the bounds, the GPU tests
+BENCH_BUDGET=$(( $(left) - 190 ))            # leave time for the report, the bounds, the GPU tests, profile, predict.sh
 [ "$BENCH_BUDGET" -gt 300 ] && BENCH_BUDGET=300
 if [ "$DRY_RUN" -eq 1 ]; then
     say "SKIPPED GPU systems (cuda_torch_fast, cuda_nnunet, cuda_torch_faithful): dry run; the CPU fast path runs alone"
@@ -171,8 +172,13 @@ fi
 if [ -f "$CACHE/ts269_ct.nii.gz" ]; then
     mkdir -p "$BENCH_OUT/profile"
     gpu_step profile 100 40 "$PY" bench/gpu_profile.py "$CACHE/ts269_ct.nii.gz" --bundle "$BUNDLE" --variants \
-        --only default,cuda-graph,whole-range-blocks --timeout 45 --json "$BENCH_OUT/profile/profile.json"
+        --only default,cuda-graph,channels-last --timeout 45 --json "$BENCH_OUT/profile/profile.json"
 fi
+
+# 9c. the challenge entry point on the GPU, outside Docker (no Docker engine there): predict.sh in folder mode
+# with the torch backend, two real cases and a corrupt one (bench/predict_check.py)
+gpu_step predict-sh 100 30 "$PY" bench/predict_check.py "$FLARE_RT_DATA" "$WORK/predict" --backend torch \
+    --device cuda --timeout 90
 
 # 10. final report: tables, agreement, CuPy bounds, RTX 5000 estimate; the run logs packed
 if [ -n "$RESULTS" ]; then

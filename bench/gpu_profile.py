@@ -10,8 +10,8 @@ it; warm), each stage with its wall time, torch's peak allocated and reserved Mi
 end ("window" is the sliding window with the way back, between preprocess and download). ``--history``
 records torch's allocation history and lists the live blocks at the cold case's peak by the flare_rt line
 that allocated them. ``--variants`` runs flare-rt's configuration and, one change each, those that may move
-the peak (expandable segments off, whole-range logits blocks, CUDA graph on, cuDNN benchmark off, batch 2,
-faithful mode), each in a fresh process, and prints one table.
+the peak or the time (expandable segments off, whole-range logits blocks, CUDA graph on, channels-last
+weights, cuDNN benchmark off, batch 2, faithful mode), each in a fresh process, and prints one table.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ VARIANTS = {  # the default is flare-rt's configuration; each other changes one 
     "no-expandable-segments": ["--env", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False"],
     "whole-range-blocks": ["--block-rows", "0"],
     "cuda-graph": ["--cuda-graphs"],
+    "channels-last": ["--channels-last"],
     "no-cudnn-benchmark": ["--no-cudnn-benchmark"],
     "batch-2": ["--batch-size", "2"],
     "faithful": ["--mode", "faithful"],
@@ -116,6 +117,8 @@ def profile(args) -> dict:
         backend = create_backend(bundle, "torch", "cuda", args.threads, args.batch_size, cuda_graphs=args.cuda_graphs)
         if args.no_cudnn_benchmark:
             torch.backends.cudnn.benchmark = False
+        if args.channels_last:  # NDHWC weights: cuDNN's tensor-core 3D convolutions (a candidate, not a default)
+            backend.net = backend.net.to(memory_format=torch.channels_last_3d)
         seg = Segmenter(bundle, backend, SegmentOptions(mode=args.mode, batch_size=args.batch_size))
         if args.block_rows is not None:  # 0: whole finished ranges (the host's setting)
             seg.window = replace(seg.window, block_rows=args.block_rows or None)
@@ -235,6 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-cudnn-benchmark", action="store_true")
     p.add_argument("--block-rows", type=int, default=None, help="rows per logits block (0: whole ranges)")
     p.add_argument("--history", action="store_true")
