@@ -58,7 +58,7 @@ def load_segmenter(args, options, progress: bool):
     if not args.model:
         log.info("no --model given: the packaged model %s", bundle.path.name)
     backend = create_backend(bundle, args.backend, args.device, args.threads, args.batch_size,
-                             cuda_graphs=getattr(args, "cuda_graphs", False))
+                             cuda_graphs=args.cuda_graphs)
     seg = Segmenter(bundle, backend, options, progress=progress)
     log.info("model %s loaded in %.2fs (%s, %s mode)", bundle.path.name, time.perf_counter() - t0,
              backend.describe(), options.mode)

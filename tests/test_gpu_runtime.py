@@ -30,6 +30,22 @@ needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU wi
 
 
 # -- on the CPU ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, expected", [([], False), (["--cuda-graphs"], True)])
+def test_cuda_graphs_are_opt_in_on_the_command_line(small_ct_path, tmp_path, monkeypatch, flag, expected):
+    import flare_rt.backends as backends
+    from flare_rt.cli import main
+
+    seen = {}
+
+    def stop(bundle, *args, cuda_graphs=None, **kwargs):
+        seen["cuda_graphs"] = cuda_graphs
+        raise ResourceError("stop here: only the options were wanted")
+
+    monkeypatch.setattr(backends, "create_backend", stop)
+    assert main(["segment", str(small_ct_path), str(tmp_path / "out.nii.gz"), "-q", *flag]) == 7
+    assert seen == {"cuda_graphs": expected} and not (tmp_path / "out.nii.gz").exists()
+
+
 def test_torch_allocator_gets_expandable_segments_unless_configured():
     from flare_rt.backends.torch_backend import allocator_settings
 
