@@ -31,15 +31,17 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 MIB = 1 << 20
 
-VARIANTS = {  # the default is flare-rt's configuration; each other changes one thing
-    "default": [],
-    "no-expandable-segments": ["--env", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False"],
-    "whole-range-blocks": ["--block-rows", "0"],
-    "cuda-graph": ["--cuda-graphs"],
-    "channels-last": ["--channels-last"],
-    "no-cudnn-benchmark": ["--no-cudnn-benchmark"],
-    "batch-2": ["--batch-size", "2"],
-    "faithful": ["--mode", "faithful"],
+LOAD_PHASE = "bundle + backend (network built, weights on the GPU)"
+#: name -> (options, environment) of each variant: the default is flare-rt's configuration, each other changes one thing
+VARIANTS = {
+    "default": ([], {}),
+    "no-expandable-segments": ([], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}),
+    "whole-range-blocks": (["--block-rows", "0"], {}),
+    "cuda-graph": (["--cuda-graphs"], {}),
+    "channels-last": (["--channels-last"], {}),
+    "no-cudnn-benchmark": (["--no-cudnn-benchmark"], {}),
+    "batch-2": (["--batch-size", "2"], {}),
+    "faithful": (["--mode", "faithful"], {}),
 }
 
 
@@ -112,7 +114,7 @@ def profile(args) -> dict:
         import_cupy()
     if args.history:
         torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
-    with phase("bundle + backend (network built, weights on the GPU)"):
+    with phase(LOAD_PHASE):
         bundle = Bundle.load(args.bundle)
         backend = create_backend(bundle, "torch", "cuda", args.threads, args.batch_size, cuda_graphs=args.cuda_graphs)
         if args.no_cudnn_benchmark:
@@ -188,7 +190,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['variant']} | failed: {r['error'][:120]} | | | | | |")
             continue
         idle = r["idle_nvml_mib"]
-        load = r["phases"][-2]["nvml_mib"] - idle if len(r["phases"]) > 1 else 0
+        load = next(ph["nvml_mib"] for ph in r["phases"] if ph["phase"] == LOAD_PHASE) - idle
         cold, warm = r["cases"]
         wpk = max(warm["stages"], key=lambda s: s["peak_alloc_mib"])
         lines.append(f"| {r['variant']} | {load} | {max(s['nvml_mib'] for s in cold['stages']) - idle} | "
@@ -199,23 +201,12 @@ def table(results: list[dict]) -> str:
 
 def run_variants(args) -> list[dict]:
     results = []
-    for name, extra in VARIANTS.items():
+    for name, (options, env) in VARIANTS.items():
         if args.only and name not in args.only.split(","):
             continue
-        env = dict(os.environ)
         cmd = [sys.executable, __file__, str(args.image), "--bundle", str(args.bundle), "--name", name,
-               "--threads", str(args.threads), "--json", "-"]
-        if name == "default":
-            cmd.append("--history")
-        i = 0
-        while i < len(extra):
-            if extra[i] == "--env":
-                k, v = extra[i + 1].split("=", 1)
-                env[k] = v
-                i += 2
-            else:
-                cmd.append(extra[i])
-                i += 1
+               "--threads", str(args.threads), "--json", "-", *options, *(["--history"] if name == "default" else [])]
+        env = {**os.environ, **env}
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
