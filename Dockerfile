@@ -3,6 +3,7 @@
 # /workspace/inputs/*_0000.nii.gz into /workspace/outputs/<case>.nii.gz.
 #
 #   docker build -t teamname:latest .                          # TensorRT + CuPy, no PyTorch (default)
+#   (the build fetches from PyPI and pypi.nvidia.com: TensorRT's PyPI packages download from the latter)
 #   docker build --build-arg VARIANT=torch -t teamname:torch . # PyTorch as the GPU backend instead
 #
 # Base: CUDA 12.9 runtime. CUDA 12.x runs sm_75 (Turing, the organisers' Quadro RTX 5000) up to sm_120

@@ -4,23 +4,18 @@ base image's CUDA major, no PyTorch in the default variant, and every place the 
 from __future__ import annotations
 
 import fnmatch
-import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
+from image_recipe import (COMMON, DOCKERFILE, REPO, cuda_major, cuda_suffix, env_vars, instructions, pin_sections,
+                          pins, requirements, variant_extras)
 from packaging.utils import canonicalize_name
-from packaging.version import Version
 
 from flare_rt.trt.runtime import SUPPORTED_MAJORS
 
-REPO = Path(__file__).resolve().parents[2]
-DOCKERFILE = REPO / "Dockerfile"
-CONSTRAINTS = REPO / "docker" / "constraints.txt"
 SCRIPTS = [REPO / "predict.sh", *sorted((REPO / "export").glob("*.sh"))]
 
 
@@ -29,21 +24,6 @@ def tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     assert path, f"{name} not found: pip install -e '.[dev]' (it brings {name})"
     return path
-
-
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
-    lines = [ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#")]
-    text = re.sub(r"\\\n", " ", "\n".join(lines))
-    return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", text, re.M)]
-
-
-def env_vars() -> dict[str, str]:
-    out = {}
-    for cmd, args in instructions():
-        if cmd == "ENV":
-            out.update(dict(re.findall(r"(\w+)=(\S+)", args)))
-    return out
 
 
 def test_hadolint_passes():
@@ -94,48 +74,6 @@ def test_every_copy_source_exists_in_the_build_context():
     assert _dockerignored("tests/conftest.py", patterns) and _dockerignored("flare_rt/__pycache__/x.pyc", patterns)
 
 
-def pins() -> dict[str, Version]:
-    out = {}
-    for line in CONSTRAINTS.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            assert version, f"constraints.txt: {line!r} is not pinned with =="
-            key = canonicalize_name(name)
-            assert key not in out, f"constraints.txt pins {name} twice"
-            out[key] = Version(version)
-    return out
-
-
-def requirements(extras: list[str]) -> list[Requirement]:
-    """pyproject.toml's dependencies plus the extras', self-references (flare-rt[gpu]) expanded."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    out, todo, seen = [Requirement(r) for r in project["dependencies"]], list(extras), set()
-    while todo:
-        extra = todo.pop()
-        if extra in seen:
-            continue
-        seen.add(extra)
-        for r in map(Requirement, project["optional-dependencies"][extra]):
-            if canonicalize_name(r.name) == "flare-rt":
-                todo += sorted(r.extras)
-            else:
-                out.append(r)
-    return out
-
-
-def cuda_major() -> int:
-    for cmd, args in instructions():
-        if cmd == "ARG" and args.startswith("CUDA_IMAGE="):
-            return int(re.search(r"nvidia/cuda:(\d+)\.\d+\.\d+-", args).group(1))
-    raise AssertionError("Dockerfile has no ARG CUDA_IMAGE=nvidia/cuda:X.Y.Z-...")
-
-
-def _cuda_suffix(name: str) -> int | None:
-    m = re.search(r"-cu(?:da)?(\d+)", canonicalize_name(name))
-    return int(m.group(1)[:2]) if m else None  # cupy-cuda12x -> 12, tensorrt-cu12 -> 12
-
-
 def test_constraints_lie_in_pyprojects_ranges():
     pinned = pins()
     for req in requirements(["gpu", "tensorrt", "torch"]):
@@ -148,23 +86,25 @@ def test_constraints_lie_in_pyprojects_ranges():
 
 
 def test_cuda_specific_wheels_match_the_base_image():
+    """The default variant runs on the base image's CUDA libraries; the torch variant's wheel brings its own
+    CUDA (one major throughout its section, documented as needing a newer driver)."""
     major = cuda_major()
     assert major == 12
-    names = list(pins()) + [r.name for r in requirements(["gpu", "tensorrt"])]
-    cuda_named = [n for n in names if _cuda_suffix(n) is not None]
+    sections = pin_sections()
+    assert set(sections) == {COMMON, *variant_extras()}, "constraints.txt's sections are not the image's variants"
+    names = [*sections[COMMON], *sections["tensorrt"]] + [r.name for r in requirements(["gpu", "tensorrt"])]
+    cuda_named = [n for n in names if cuda_suffix(n) is not None]
     assert {"cupy-cuda12x", "tensorrt-cu12"} <= {canonicalize_name(n) for n in cuda_named}
     for name in cuda_named:
-        assert _cuda_suffix(name) == major, f"{name} is built for CUDA {_cuda_suffix(name)}, the base image has {major}"
-
-
-def _variant_extras() -> dict[str, list[str]]:
-    (run,) = [args for cmd, args in instructions() if cmd == "RUN" and "VARIANT" in args]
-    return {v: e.split(",") for v, e in re.findall(r"(\w+)\)\s*extras=([\w,]+)", run)}
+        assert cuda_suffix(name) == major, f"{name} is built for CUDA {cuda_suffix(name)}, the base image has {major}"
+    torch_cuda = {cuda_suffix(n) for n in sections["torch"]} - {None}
+    assert torch_cuda == {13}, f"the torch variant's CUDA wheels are for CUDA {sorted(torch_cuda)}: one major expected"
+    assert "driver >= 580" in (REPO / "docs" / "challenge.md").read_text()
 
 
 def test_the_default_variant_has_no_pytorch():
     (default,) = [args.split("=", 1)[1] for cmd, args in instructions() if cmd == "ARG" and args.startswith("VARIANT=")]
-    variants = _variant_extras()
+    variants = variant_extras()
     assert default == "tensorrt" and set(variants) == {"tensorrt", "torch"}
     tensorrt = {canonicalize_name(r.name) for r in requirements(variants["tensorrt"])}
     assert "torch" not in tensorrt and {"tensorrt-cu12", "cupy-cuda12x"} <= tensorrt
