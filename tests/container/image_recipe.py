@@ -2,7 +2,10 @@
 docker/constraints.txt's pins (by variant section), pyproject.toml's requirements per extra."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -15,6 +18,10 @@ DOCKERFILE = REPO / "Dockerfile"
 CONSTRAINTS = REPO / "docker" / "constraints.txt"
 #: The lines of constraints.txt before the first "# variant NAME" header: pins both variants install.
 COMMON = "common"
+#: TensorRT's packages on PyPI that are source stubs: building them downloads the real wheels from NVIDIA's
+#: index, which no machine here reaches. Its bindings wheel, on PyPI for CPython 3.12, can stand in.
+TRT_STUBS = {"tensorrt-cu12", "tensorrt-cu12-libs"}
+TRT_STAND_IN = "tensorrt-cu12-bindings"
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -94,7 +101,44 @@ def requirements(extras: list[str]) -> list[Requirement]:
     return out
 
 
+def installable(variant: str, stand_in: bool) -> list[str]:
+    """The requirements the image's ``pip install`` puts in for ``variant`` (flare-rt's own and its
+    extras'), without TensorRT's PyPI stubs; ``stand_in`` adds TensorRT's bindings wheel in their place."""
+    reqs = requirements(variant_extras()[variant])
+    out = [str(r) for r in reqs if canonicalize_name(r.name) not in TRT_STUBS]
+    if stand_in and len(out) < len(reqs):
+        out.append(TRT_STAND_IN)
+    return out
+
+
 def cuda_suffix(name: str) -> int | None:
     """The CUDA major a wheel's name says it is built for: cupy-cuda12x -> 12, tensorrt-cu12 -> 12."""
     m = re.search(r"-cu(?:da)?(\d+)", canonicalize_name(name))
     return int(m.group(1)[:2]) if m else None
+
+
+#: The base image's Ubuntu release -> its python3 and its glibc minor (manylinux_2_17 ... manylinux_2_N).
+UBUNTU = {"ubuntu24.04": ("3.12", 39)}
+
+
+def image_python() -> tuple[str, int]:
+    """The image's Python version ("3.12") and glibc minor, from the base image's Ubuntu release."""
+    m = re.search(r"-(ubuntu\d+\.\d+)$", base_image())
+    assert m and m.group(1) in UBUNTU, \
+        f"base image {base_image()}: add its Ubuntu release's python3 and glibc to UBUNTU in image_recipe.py"
+    return UBUNTU[m.group(1)]
+
+
+def find_interpreter(version: str) -> Path:
+    """A CPython ``version`` on this machine (pyenv's, or the system's) to stand in for the image's."""
+    candidates = sorted(Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")).glob(
+        f"versions/{version}.*/bin/python{version}"), reverse=True)
+    candidates += [Path(p) for p in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}",
+                                     shutil.which(f"python{version}")) if p]
+    for path in candidates:
+        probe = subprocess.run([str(path), "-c", "import sys, venv; print(sys.version_info[:2])"],
+                               capture_output=True, text=True, check=False)
+        if probe.returncode == 0 and probe.stdout.strip() == str(tuple(map(int, version.split(".")))):
+            return path
+    raise AssertionError(f"no Python {version} (the image's) found among {[str(c) for c in candidates]}: "
+                         f"install it (pyenv install {version}) to test predict.sh in the image's environment")

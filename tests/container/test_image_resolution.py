@@ -11,52 +11,21 @@ TensorRT pins agree. Needs PyPI, as CI's own install does."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from image_recipe import COMMON, CONSTRAINTS, REPO, base_image, pin_sections, requirements, variant_extras
+from image_recipe import COMMON, CONSTRAINTS, TRT_STUBS, image_python, installable, pin_sections, variant_extras
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-#: The base image's Ubuntu release -> its python3 and its glibc minor (manylinux_2_17 ... manylinux_2_N).
-UBUNTU = {"ubuntu24.04": ("3.12", 39)}
-#: Source stubs on PyPI that download from NVIDIA's index when built; their bindings wheel stands in.
-TRT_STUBS = {"tensorrt-cu12", "tensorrt-cu12-libs"}
-TRT_STAND_IN = "tensorrt-cu12-bindings"
 
-
-def image_python() -> tuple[str, int]:
-    m = re.search(r"-(ubuntu\d+\.\d+)$", base_image())
-    assert m and m.group(1) in UBUNTU, \
-        f"base image {base_image()}: add its Ubuntu release's python3 and glibc to UBUNTU in this test"
-    return UBUNTU[m.group(1)]
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    dist = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(dist), str(REPO)], capture_output=True, text=True, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return next(dist.glob("flare_rt-*.whl"))
-
-
-def resolve(wheel: Path, extras: list[str], tmp: Path) -> dict[str, tuple[Version, str | None]]:
-    """What ``pip install -c constraints.txt wheel[extras]`` installs in the image: canonical name ->
-    (version, Requires-Python), flare-rt itself left out."""
+def resolve(wheel: Path, variant: str, tmp: Path) -> dict[str, tuple[Version, str | None]]:
+    """What ``pip install -c constraints.txt wheel[extras]`` installs in the image for ``variant``: canonical
+    name -> (version, Requires-Python), flare-rt itself left out."""
     python, glibc = image_python()
-    reqs, stubbed = [], False
-    for req in requirements(extras):
-        if canonicalize_name(req.name) in TRT_STUBS:
-            stubbed = True
-        else:
-            reqs.append(str(req))
-    if stubbed:
-        reqs.append(TRT_STAND_IN)
     platforms = [f"manylinux_2_{minor}_x86_64" for minor in range(17, glibc + 1)] + ["manylinux2014_x86_64"]
     report = tmp / "report.json"
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
@@ -65,9 +34,9 @@ def resolve(wheel: Path, extras: list[str], tmp: Path) -> dict[str, tuple[Versio
            # pip checks Requires-Python against the interpreter it runs in, not --python-version: checked below
            "--ignore-requires-python",
            *[arg for p in platforms for arg in ("--platform", p)],
-           "--constraint", str(CONSTRAINTS), str(wheel), *reqs]
+           "--constraint", str(CONSTRAINTS), str(wheel), *installable(variant, stand_in=True)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-    assert r.returncode == 0, f"the image's pins do not resolve for extras {extras}:\n{r.stderr[-4000:]}"
+    assert r.returncode == 0, f"the image's pins do not resolve for variant {variant}:\n{r.stderr[-4000:]}"
     out = {}
     for item in json.loads(report.read_text())["install"]:
         meta = item["metadata"]
@@ -80,10 +49,8 @@ def resolve(wheel: Path, extras: list[str], tmp: Path) -> dict[str, tuple[Versio
 @pytest.mark.parametrize("variant", sorted(variant_extras()))
 def test_each_variant_installs_exactly_its_pins(variant, wheel, tmp_path):
     sections = pin_sections()
-    expected = {**sections[COMMON], **sections[variant]}
-    if variant == "tensorrt":
-        expected = {k: v for k, v in expected.items() if k not in TRT_STUBS}
-    resolved = resolve(wheel, variant_extras()[variant], tmp_path)
+    expected = {k: v for k, v in {**sections[COMMON], **sections[variant]}.items() if k not in TRT_STUBS}
+    resolved = resolve(wheel, variant, tmp_path)
 
     floating = {k: str(v) for k, (v, _) in resolved.items() if k not in expected}
     stale = sorted(set(expected) - set(resolved))

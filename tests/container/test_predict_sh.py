@@ -1,23 +1,26 @@
-"""predict.sh outside Docker, under dash, with the environment variables the image uses (CPU device):
-real CTs and one corrupt case in inputs/, HOME read-only. The good cases are written with the input's
-geometry, the bad one is listed, the exit status says not all succeeded, nothing is written elsewhere.
+"""predict.sh outside Docker, under dash, in the image's Python environment: a virtual environment on the
+image's CPython (3.12) with flare-rt installed from its wheel and the default variant's pinned packages
+(docker/constraints.txt; CuPy included, TensorRT left out: it cannot be installed here, and without a GPU
+the CPU backend runs either way), the image's environment variables, the CPU device. Real CTs and one
+corrupt case in inputs/, HOME read-only. The good cases are written with the input's geometry, the bad
+one is listed, the exit status says not all succeeded, nothing is written elsewhere (site-packages
+included: no bytecode at run time), and no PyTorch is there.
 
-Root ignores permission bits, so as root (CI is) HOME, the working folder, the inputs and the
-checkout are made read-only with read-only bind mounts in a private mount namespace (unshare -m);
+Root ignores permission bits, so as root (CI is) HOME, the working folder, the inputs and the checkout
+are made read-only with read-only bind mounts in a private mount namespace (unshare -m);
 as another user, mode 0555 does it. Either way a write there fails, and the trees are compared too."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from image_recipe import CONSTRAINTS, find_interpreter, image_python, installable
 
 REPO = Path(__file__).resolve().parents[2]
 PREDICT = REPO / "predict.sh"
@@ -62,6 +65,19 @@ def run_predict(env: dict, cwd: Path, read_only_paths=(), user: int | None = Non
 
 
 @pytest.fixture(scope="module")
+def image_venv(wheel, tmp_path_factory) -> Path:
+    """The image's Python environment (its Dockerfile's pip step, TensorRT left out): the venv's folder."""
+    venv = tmp_path_factory.mktemp("image-env") / "venv"
+    python = find_interpreter(image_python()[0])
+    for cmd in ([str(python), "-m", "venv", str(venv)],
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-cache-dir",
+                 "--constraint", str(CONSTRAINTS), str(wheel), *installable("tensorrt", stand_in=False)]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
+        assert r.returncode == 0, f"{cmd[:4]}...: {r.stderr[-3000:]}"
+    return venv
+
+
+@pytest.fixture(scope="module")
 def workspace(shared_data):
     base = Path(tempfile.mkdtemp(prefix="flare-predict-", dir="/tmp"))  # nobody must reach it
     base.chmod(0o755)
@@ -80,14 +96,13 @@ def workspace(shared_data):
     shutil.rmtree(base)
 
 
-def image_env(base: Path, **over) -> dict:
+def image_env(base: Path, venv: Path, **over) -> dict:
     """The image's environment (Dockerfile ENV), with the folders of this test and the CPU device."""
     env = {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin",
+        "PATH": f"{venv / 'bin'}{os.pathsep}/usr/bin:/bin",
         "HOME": str(base / "home"),
         "TMPDIR": str(base / "tmp"),
-        "PYTHONPATH": str(REPO),  # this checkout (the image has the wheel installed instead)
-        "FLARE_RT_PYTHON": sys.executable,
+        "FLARE_RT_PYTHON": str(venv / "bin" / "python"),
         "FLARE_RT_INPUTS": str(base / "inputs"),
         "FLARE_RT_OUTPUTS": str(base / "outputs"),
         "FLARE_RT_CACHE": str(base / "cache"),
@@ -95,6 +110,7 @@ def image_env(base: Path, **over) -> dict:
         "MPLCONFIGDIR": str(base / "mpl"),
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
+        "FLARE_RT_VARIANT": "tensorrt",
         "FLARE_RT_BACKEND": "auto",
         "FLARE_RT_DEVICE": "cpu",
         "FLARE_RT_BATCH_SIZE": "2",
@@ -106,16 +122,31 @@ def image_env(base: Path, **over) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first_run(workspace):
+def first_run(workspace, image_venv):
     base = workspace
     home, work = read_only(base / "home"), read_only(base / "workspace")
     for folder in ("outputs", "cache", "tmp", "mpl"):
         (base / folder).mkdir()
-    watched = {"home": home, "workspace": work, "inputs": base / "inputs", "tmp": base / "tmp", "repo": REPO}
+    watched = {"home": home, "workspace": work, "inputs": base / "inputs", "tmp": base / "tmp", "repo": REPO,
+               "venv": image_venv}
     before = {name: tree(path) for name, path in watched.items()}
-    r = run_predict(image_env(base), cwd=work, read_only_paths=(home, work, base / "inputs", REPO))
+    # the environment stays writable, as in the image (root): the tree comparison catches a write there
+    r = run_predict(image_env(base, image_venv), cwd=work, read_only_paths=(home, work, base / "inputs", REPO))
     after = {name: tree(path) for name, path in watched.items()}
     return r, base, before, after
+
+
+def test_the_image_environment_is_the_default_variant(image_venv):
+    """The image's Python, flare-rt from the wheel (not this checkout), CuPy, no PyTorch."""
+    probe = ("import sys, importlib.util as u, flare_rt; "
+             "print(sys.version_info[:2], flare_rt.__file__, u.find_spec('cupy') is not None, u.find_spec('torch'))")
+    r = subprocess.run([str(image_venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                       cwd="/", env={"PATH": "/usr/bin:/bin"}, check=False)
+    assert r.returncode == 0, r.stderr
+    version = tuple(map(int, image_python()[0].split(".")))
+    assert r.stdout.split(") ", 1)[0] + ")" == str(version)
+    assert str(image_venv) in r.stdout and str(REPO) not in r.stdout
+    assert r.stdout.rstrip().endswith("True None"), r.stdout
 
 
 @pytest.mark.slow
@@ -135,8 +166,7 @@ def test_good_cases_written_bad_case_listed(first_run, shared_data):
     failed = [ln.strip() for ln in err.splitlines() if ln.startswith("  ")]
     assert len(failed) == 1 and failed[0].startswith("broken_0000.nii.gz:"), err
     assert f"3 case(s) in {base / 'inputs'} -> {base / 'outputs'}; backend auto, device cpu, batch 2" in err
-    cpu_first = "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"  # auto's CPU order
-    assert f"backend: {cpu_first} " in err
+    assert "backend: onnxruntime on cpu" in err  # the image has no OpenVINO
     assert "predict.sh: done with failures: see the list above (2 label file(s)" in err
 
 
@@ -150,22 +180,22 @@ def test_nothing_is_written_elsewhere(first_run):
     assert after["home"] == {} and after["tmp"] == {}
 
 
-def test_a_non_root_user_cannot_write_a_root_owned_outputs_mount(workspace, tmp_path):
+def test_a_non_root_user_cannot_write_a_root_owned_outputs_mount(workspace, image_venv):
     """Why the image runs as root: the organisers bind-mount their own outputs folder."""
     base = workspace
     outputs = base / "root_outputs"
     outputs.mkdir(exist_ok=True)
     outputs.chmod(0o755 if AS_ROOT else 0o555)  # root-owned 0755 (as root), or simply read-only
-    r = run_predict(image_env(base, FLARE_RT_OUTPUTS=str(outputs)), cwd=base, user=NOBODY)
+    r = run_predict(image_env(base, image_venv, FLARE_RT_OUTPUTS=str(outputs)), cwd=base, user=NOBODY)
     assert r.returncode == 3, r.stderr
     uid = NOBODY if AS_ROOT else os.geteuid()
     assert f"cannot write into {outputs} as uid {uid}; run the container as root" in r.stderr
     assert list(outputs.iterdir()) == []
 
 
-def test_no_input_case_is_an_error(workspace):
+def test_no_input_case_is_an_error(workspace, image_venv):
     empty = workspace / "empty_inputs"
     empty.mkdir(exist_ok=True)
     empty.chmod(0o755)
-    r = run_predict(image_env(workspace, FLARE_RT_INPUTS=str(empty)), cwd=workspace)
+    r = run_predict(image_env(workspace, image_venv, FLARE_RT_INPUTS=str(empty)), cwd=workspace)
     assert r.returncode == 2 and f"no *_0000.nii.gz case in {empty}" in r.stderr
