@@ -134,7 +134,7 @@ def find_interpreter(version: str) -> Path:
     candidates = sorted(Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")).glob(
         f"versions/{version}.*/bin/python{version}"), reverse=True)
     candidates += [Path(p) for p in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}",
-                                     shutil.which(f"python{version}")) if p]
+                                     shutil.which(f"python{version}")) if p and Path(p).is_file()]
     for path in candidates:
         probe = subprocess.run([str(path), "-c", "import sys, venv; print(sys.version_info[:2])"],
                                capture_output=True, text=True, check=False)
