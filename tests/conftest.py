@@ -15,6 +15,8 @@ import importlib.util
 import logging
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,16 @@ def require_module(module: str, extra: str = "dev") -> None:
     """Fail (not skip) when a package of an installable extra is missing."""
     if importlib.util.find_spec(module) is None:
         pytest.fail(f"{module} is not installed: pip install -e '.[{extra}]'", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """flare-rt's wheel, built once from this checkout (as the challenge image's first stage builds it)."""
+    dist = tmp_path_factory.mktemp("dist")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(dist), str(REPO)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return next(dist.glob("flare_rt-*.whl"))
 
 
 @pytest.fixture(scope="session")

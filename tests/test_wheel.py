@@ -27,10 +27,7 @@ def tree(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-def test_wheel_install_segments_with_the_packaged_model(tmp_path):
-    dist = tmp_path / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, REPO])
-    wheel = next(dist.glob("flare_rt-*.whl"))
+def test_wheel_install_segments_with_the_packaged_model(wheel, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert f"flare_rt/models/{DEFAULT_MODEL_NAME}" in names
     assert not any(n.startswith(("tests/", "bench/", "examples/")) for n in names)
