@@ -8,7 +8,7 @@
 #
 # Base: CUDA 12.9 runtime. CUDA 12.x runs sm_75 (Turing, the organisers' Quadro RTX 5000) up to sm_120
 # (Blackwell) on drivers >= 525 (minor-version compatibility); CUDA 13 would need driver >= 580.
-# TensorRT 10.16 (docker/constraints.txt) supports the same range. For a bit-for-bit rebuild, pin the
+# TensorRT 10.16 (docker/constraints/tensorrt.txt) supports the same range. For a bit-for-bit rebuild, pin the
 # base by digest: FROM nvidia/cuda:12.9.1-runtime-ubuntu24.04@sha256:<digest from `docker pull`>.
 ARG CUDA_IMAGE=nvidia/cuda:12.9.1-runtime-ubuntu24.04
 
@@ -34,7 +34,8 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 FROM base
 # tensorrt: TensorRT engines on CuPy buffers, no PyTorch. torch: the PyTorch CUDA backend (and CuPy).
 ARG VARIANT=tensorrt
-COPY docker/constraints.txt /opt/flare-rt/constraints.txt
+COPY docker/constraints/ /opt/flare-rt/constraints/
+COPY docker/check_pins.sh /opt/flare-rt/check_pins.sh
 COPY --from=wheel /dist/ /tmp/dist/
 RUN case "$VARIANT" in \
         tensorrt) extras=tensorrt ;; \
@@ -42,8 +43,10 @@ RUN case "$VARIANT" in \
         *) echo "VARIANT must be tensorrt or torch, got '$VARIANT'" >&2; exit 1 ;; \
     esac \
     && for wheel in /tmp/dist/flare_rt-*.whl; do \
-        pip install --no-cache-dir --constraint /opt/flare-rt/constraints.txt "${wheel}[${extras}]"; \
+        pip install --no-cache-dir --constraint /opt/flare-rt/constraints/common.txt \
+            --constraint "/opt/flare-rt/constraints/${VARIANT}.txt" "${wheel}[${extras}]"; \
     done \
+    && sh /opt/flare-rt/check_pins.sh /opt/flare-rt/constraints/common.txt "/opt/flare-rt/constraints/${VARIANT}.txt" \
     && rm -rf /tmp/dist
 
 # Every place the image writes: the outputs mount, the cache (TensorRT engines and timing caches, CuPy's

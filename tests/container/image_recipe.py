@@ -1,5 +1,5 @@
 """Reading the challenge image's recipe without Docker: the Dockerfile's instructions and environment,
-docker/constraints.txt's pins (by variant section), pyproject.toml's requirements per extra."""
+docker/constraints/'s pins (common, then one file per variant), pyproject.toml's requirements per extra."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import tomllib
+import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -15,13 +16,15 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
-CONSTRAINTS = REPO / "docker" / "constraints.txt"
-#: The lines of constraints.txt before the first "# variant NAME" header: pins both variants install.
+#: docker/constraints/: ``common.txt`` (pins both variants install), then ``<variant>.txt`` for each variant.
+CONSTRAINTS = REPO / "docker" / "constraints"
 COMMON = "common"
-#: TensorRT's packages on PyPI that are source stubs: building them downloads the real wheels from NVIDIA's
-#: index, which no machine here reaches. Its bindings wheel, on PyPI for CPython 3.12, can stand in.
-TRT_STUBS = {"tensorrt-cu12", "tensorrt-cu12-libs"}
-TRT_STAND_IN = "tensorrt-cu12-bindings"
+#: TensorRT's distributions (the default variant's extra names the first; it requires the other two at its
+#: own version). On PyPI: ``tensorrt-cu12``, a setuptools sdist (built here into the real wheel), and the
+#: bindings wheel for CPython 3.12. ``tensorrt-cu12-libs`` on PyPI is a wheel-stub sdist whose build
+#: downloads the real wheel from pypi.nvidia.com, which no machine here reaches.
+TRT_DISTRIBUTIONS = ("tensorrt-cu12", "tensorrt-cu12-bindings", "tensorrt-cu12-libs")
+TRT_FRONTEND, TRT_LIBS = "tensorrt-cu12", "tensorrt-cu12-libs"
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -59,29 +62,44 @@ def variant_extras() -> dict[str, list[str]]:
 
 
 def pin_sections() -> dict[str, dict[str, Version]]:
-    """constraints.txt's pins by section: :data:`COMMON`, then one per ``# variant NAME`` header."""
-    out: dict[str, dict[str, Version]] = {COMMON: {}}
-    section, seen = COMMON, set()
-    for raw in CONSTRAINTS.read_text().splitlines():
-        header = re.match(r"#\s*variant\s+(\w+)", raw)
-        if header:
-            section = header.group(1)
-            assert section not in out, f"constraints.txt has two '# variant {section}' sections"
-            out[section] = {}
-        line = raw.split("#")[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            assert version, f"constraints.txt: {line!r} is not pinned with =="
-            key = canonicalize_name(name)
-            assert key not in seen, f"constraints.txt pins {name} twice"
-            seen.add(key)
-            out[section][key] = Version(version)
+    """docker/constraints/'s pins by file: :data:`COMMON`, then one per variant (``torch.txt`` -> ``torch``).
+    A distribution pinned in common.txt is pinned nowhere else; variants may pin different releases of the
+    same distribution."""
+    out: dict[str, dict[str, Version]] = {}
+    for path in sorted(CONSTRAINTS.glob("*.txt")):
+        section = out.setdefault(path.stem, {})
+        for raw in path.read_text().splitlines():
+            line = raw.split("#")[0].strip()
+            if line:
+                name, _, version = line.partition("==")
+                assert version, f"{path.name}: {line!r} is not pinned with =="
+                assert canonicalize_name(name) not in section, f"{path.name} pins {name} twice"
+                section[canonicalize_name(name)] = Version(version)
+    assert COMMON in out, f"{CONSTRAINTS} has no {COMMON}.txt"
+    for variant, section in out.items():
+        both = sorted(set(section) & set(out[COMMON])) if variant != COMMON else []
+        assert not both, f"{variant}.txt pins {both}, which {COMMON}.txt pins too"
     return out
 
 
-def pins() -> dict[str, Version]:
-    """Every pin of constraints.txt, canonical name -> version."""
-    return {k: v for section in pin_sections().values() for k, v in section.items()}
+def constraint_files(variant: str) -> list[Path]:
+    """The files the Dockerfile's ``pip install`` passes as ``--constraint`` for ``variant`` (``${VARIANT}``
+    substituted), as paths in this checkout (the folder COPY brings docker/constraints/ to, mapped back)."""
+    (copy,) = [args.split() for cmd, args in instructions() if cmd == "COPY" and "docker/constraints/" in args]
+    dest = copy[-1].rstrip("/") + "/"
+    (run,) = [args for cmd, args in instructions() if cmd == "RUN" and "VARIANT" in args]
+    out = []
+    for given in re.findall(r'--constraint\s+"?([^"\s]+)"?', run):
+        given = given.replace("${VARIANT}", variant)
+        assert given.startswith(dest), f"--constraint {given} is not in {dest} (COPY docker/constraints/ {dest})"
+        out.append(CONSTRAINTS / given[len(dest):])
+    return out
+
+
+def pins(variant: str) -> dict[str, Version]:
+    """What ``variant`` pins (common.txt and its own file), canonical name -> version."""
+    sections = pin_sections()
+    return {**sections[COMMON], **sections[variant]}
 
 
 def requirements(extras: list[str]) -> list[Requirement]:
@@ -101,14 +119,36 @@ def requirements(extras: list[str]) -> list[Requirement]:
     return out
 
 
-def installable(variant: str, stand_in: bool) -> list[str]:
+def installable(variant: str, tensorrt: bool) -> list[str]:
     """The requirements the image's ``pip install`` puts in for ``variant`` (flare-rt's own and its
-    extras'), without TensorRT's PyPI stubs; ``stand_in`` adds TensorRT's bindings wheel in their place."""
-    reqs = requirements(variant_extras()[variant])
-    out = [str(r) for r in reqs if canonicalize_name(r.name) not in TRT_STUBS]
-    if stand_in and len(out) < len(reqs):
-        out.append(TRT_STAND_IN)
-    return out
+    extras'); ``tensorrt=False`` leaves TensorRT out (for an environment built on a machine that cannot
+    fetch its libraries)."""
+    return [str(r) for r in requirements(variant_extras()[variant])
+            if tensorrt or canonicalize_name(r.name) not in TRT_DISTRIBUTIONS]
+
+
+def trt_libs_requirements(cuda: int) -> list[str]:
+    """What NVIDIA's ``tensorrt-cu<cuda>-libs`` wheel requires: the CUDA runtime of its major, from PyPI.
+    Read off NVIDIA/TensorRT's python/packaging/libs_wheel/setup.py (``get_requirements``), the same in
+    the 10.14 and 10.15 releases; the 10.16 wheel itself is only on pypi.nvidia.com."""
+    return [f"cuda-toolkit[cudart]>={cuda},<{cuda + 1}"]
+
+
+def write_wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
+    """A metadata-only wheel of ``name`` ``version`` that requires ``requires``: stands in for a wheel
+    that cannot be downloaded here when pip's resolver runs (``--find-links folder``); not installable."""
+    dist = f"{canonicalize_name(name).replace('-', '_')}-{version}"
+    meta = "\n".join(["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
+                      *(f"Requires-Dist: {r}" for r in requires)]) + "\n"
+    files = {f"{dist}.dist-info/METADATA": meta,
+             f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: flare-rt tests\nRoot-Is-Purelib: true\n"
+                                        "Tag: py3-none-any\n"}
+    files[f"{dist}.dist-info/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{dist}.dist-info/RECORD,,\n"
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for arc, text in files.items():
+            z.writestr(arc, text)
+    return path
 
 
 def cuda_suffix(name: str) -> int | None:

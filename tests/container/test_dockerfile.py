@@ -4,19 +4,20 @@ base image's CUDA major, no PyTorch in the default variant, and every place the 
 from __future__ import annotations
 
 import fnmatch
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from image_recipe import (COMMON, DOCKERFILE, REPO, cuda_major, cuda_suffix, env_vars, instructions, pin_sections,
-                          pins, requirements, variant_extras)
+from image_recipe import (COMMON, CONSTRAINTS, DOCKERFILE, REPO, constraint_files, cuda_major, cuda_suffix, env_vars,
+                          instructions, pin_sections, pins, requirements, variant_extras)
 from packaging.utils import canonicalize_name
 
 from flare_rt.trt.runtime import SUPPORTED_MAJORS
 
-SCRIPTS = [REPO / "predict.sh", *sorted((REPO / "export").glob("*.sh"))]
+SCRIPTS = [REPO / "predict.sh", *sorted((REPO / "export").glob("*.sh")), *sorted((REPO / "docker").glob("*.sh"))]
 
 
 def tool(name: str) -> str:
@@ -59,7 +60,7 @@ def test_every_copy_source_exists_in_the_build_context():
     for cmd, args in instructions():
         if cmd == "COPY" and "--from=" not in args:
             sources += args.split()[:-1]
-    assert {"pyproject.toml", "README.md", "flare_rt/", "docker/constraints.txt", "predict.sh"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "flare_rt/", "docker/constraints/", "predict.sh"} <= set(sources)
     for src in sources:
         path = REPO / src
         assert path.exists(), f"COPY {src}: no such file in the repository"
@@ -75,14 +76,31 @@ def test_every_copy_source_exists_in_the_build_context():
 
 
 def test_constraints_lie_in_pyprojects_ranges():
-    pinned = pins()
-    for req in requirements(["gpu", "tensorrt", "torch"]):
-        key = canonicalize_name(req.name)
-        assert key in pinned, f"{req.name} ({req}) is not pinned in docker/constraints.txt"
-        assert req.specifier.contains(pinned[key], prereleases=True), \
-            f"constraints.txt pins {req.name}=={pinned[key]} outside pyproject.toml's {req}"
-    assert pinned["tensorrt-cu12"].major in SUPPORTED_MAJORS
-    assert pinned["tensorrt-cu12"] == pinned["tensorrt-cu12-libs"] == pinned["tensorrt-cu12-bindings"]
+    for variant, extras in variant_extras().items():
+        pinned = pins(variant)
+        for req in requirements(extras):
+            key = canonicalize_name(req.name)
+            assert key in pinned, f"{req.name} ({req}) is not pinned for variant {variant} in docker/constraints/"
+            assert req.specifier.contains(pinned[key], prereleases=True), \
+                f"docker/constraints/ pins {req.name}=={pinned[key]} outside pyproject.toml's {req}"
+    trt = pins("tensorrt")
+    assert trt["tensorrt-cu12"].major in SUPPORTED_MAJORS
+    assert trt["tensorrt-cu12"] == trt["tensorrt-cu12-libs"] == trt["tensorrt-cu12-bindings"]
+
+
+def test_the_image_installs_with_common_and_its_variants_constraints():
+    """One constraints file could not hold both variants (they pin different cuda-toolkit releases): the
+    image's pip takes docker/constraints/common.txt and the variant's own file, and no other."""
+    assert {f"{v}.txt" for v in variant_extras()} | {f"{COMMON}.txt"} == {p.name for p in CONSTRAINTS.glob("*.txt")}
+    for variant in variant_extras():
+        assert constraint_files(variant) == [CONSTRAINTS / f"{COMMON}.txt", CONSTRAINTS / f"{variant}.txt"]
+    # the build ends with docker/check_pins.sh over the same files: nothing installed floats
+    (run,) = [args for cmd, args in instructions() if cmd == "RUN" and "VARIANT" in args]
+    given = re.findall(r'--constraint\s+("?[^"\s]+"?)', run)
+    checked = re.search(r"sh\s+(\S+/check_pins\.sh)\s+(.*?)\s*(?:&&|$)", run)
+    assert checked and checked.group(2).split() == given, f"check_pins.sh must check the files pip took: {given}"
+    assert (checked.group(1), "docker/check_pins.sh") in [tuple(reversed(args.split())) for cmd, args in instructions()
+                                                         if cmd == "COPY" and "check_pins" in args]
 
 
 def test_cuda_specific_wheels_match_the_base_image():
@@ -97,8 +115,10 @@ def test_cuda_specific_wheels_match_the_base_image():
     assert {"cupy-cuda12x", "tensorrt-cu12"} <= {canonicalize_name(n) for n in cuda_named}
     for name in cuda_named:
         assert cuda_suffix(name) == major, f"{name} is built for CUDA {cuda_suffix(name)}, the base image has {major}"
+    assert sections["tensorrt"]["cuda-toolkit"].major == major, "TensorRT's CUDA runtime is not the base image's"
     torch_cuda = {cuda_suffix(n) for n in sections["torch"]} - {None}
     assert torch_cuda == {13}, f"the torch variant's CUDA wheels are for CUDA {sorted(torch_cuda)}: one major expected"
+    assert sections["torch"]["cuda-toolkit"].major == 13
     assert "driver >= 580" in (REPO / "docs" / "challenge.md").read_text()
 
 

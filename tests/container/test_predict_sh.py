@@ -1,6 +1,6 @@
 """predict.sh outside Docker, under dash, in the image's Python environment: a virtual environment on the
 image's CPython (3.12) with flare-rt installed from its wheel and the default variant's pinned packages
-(docker/constraints.txt; CuPy included, TensorRT left out: it cannot be installed here, and without a GPU
+(docker/constraints/; CuPy included, TensorRT left out: it cannot be installed here, and without a GPU
 the CPU backend runs either way), the image's environment variables, the CPU device. Real CTs and one
 corrupt case in inputs/, HOME read-only. The good cases are written with the input's geometry, the bad
 one is listed, the exit status says not all succeeded, nothing is written elsewhere (site-packages
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from image_recipe import CONSTRAINTS, find_interpreter, image_python, installable
+from image_recipe import constraint_files, find_interpreter, image_python, installable
 
 REPO = Path(__file__).resolve().parents[2]
 PREDICT = REPO / "predict.sh"
@@ -72,7 +72,8 @@ def image_venv(wheel, tmp_path_factory) -> Path:
     python = find_interpreter(image_python()[0])
     for cmd in ([str(python), "-m", "venv", str(venv)],
                 [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-cache-dir",
-                 "--constraint", str(CONSTRAINTS), str(wheel), *installable("tensorrt", stand_in=False)]):
+                 *[arg for f in constraint_files("tensorrt") for arg in ("--constraint", str(f))],
+                 str(wheel), *installable("tensorrt", tensorrt=False)]):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
         assert r.returncode == 0, f"{cmd[:4]}...: {r.stderr[-3000:]}"
     return venv
@@ -149,6 +150,34 @@ def test_the_image_environment_is_the_default_variant(image_venv):
     assert found["python"] == [int(n) for n in image_python()[0].split(".")]
     assert found["flare_rt"].startswith(str(image_venv)), found
     assert found["cupy"] and not found["torch"], found
+
+
+def pin_check(venv: Path, *files: Path) -> subprocess.CompletedProcess:
+    """docker/check_pins.sh, as the image's build runs it (its environment's python3 first on PATH)."""
+    env = {"PATH": f"{venv / 'bin'}{os.pathsep}/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([dash(), str(REPO / "docker" / "check_pins.sh"), *map(str, files)], env=env, cwd="/",
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_the_builds_pin_check_passes_the_image_environment_and_names_what_is_not_pinned(image_venv, tmp_path):
+    """The Dockerfile ends its install with docker/check_pins.sh over the constraints it installed with: the
+    image's environment passes; a distribution left unpinned, or installed at another version than its pin,
+    fails the build and is named."""
+    files = constraint_files("tensorrt")
+    r = pin_check(image_venv, *files)
+    assert r.returncode == 0 and "all pinned" in r.stdout, r.stderr
+    common = files[0].read_text().splitlines()
+    numpy_pin = next(ln for ln in common if ln.startswith("numpy=="))
+    scipy_pin = next(ln for ln in common if ln.startswith("scipy=="))
+    for name, lines, named in (("missing", [ln for ln in common if ln != numpy_pin], numpy_pin),
+                               ("off-pin", [ln if ln != scipy_pin else "scipy==0.1" for ln in common], scipy_pin)):
+        edited = tmp_path / f"{name}.txt"
+        edited.write_text("\n".join(lines) + "\n")
+        r = pin_check(image_venv, edited, files[1])
+        assert r.returncode == 1, (name, r.stdout, r.stderr)
+        assert f"  {named}" in r.stderr.splitlines() and "not pinned" in r.stderr, (name, r.stderr)
+    assert pin_check(image_venv).returncode == 2
+    assert pin_check(image_venv, tmp_path / "absent.txt").returncode == 2
 
 
 @pytest.mark.slow
