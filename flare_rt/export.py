@@ -92,9 +92,11 @@ def compare(ref: np.ndarray, out: np.ndarray, name: str) -> CheckResult:
 def verify(model, net, inputs: dict[str, np.ndarray], precision: str) -> list[CheckResult]:
     """Run the ONNX graph on ONNX Runtime (CPU) and the network in PyTorch on the same inputs; raise
     :class:`ExportVerificationError` if any exceeds the precision's tolerance."""
-    import onnxruntime as ort
     import torch
 
+    from .backends.onnxrt import import_onnxruntime
+
+    ort = import_onnxruntime()
     tol = TOLERANCES[precision]
     runnable = to_fp32(model)  # CPU: fp16 weights widened exactly, so the check covers their rounding
     sess = ort.InferenceSession(runnable.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -44,7 +44,7 @@ class CaseReport:
 class CaseOutcome:
     case: Case
     status: str
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the start of its compute to the end of its write
     tiles: int | None = None
     reason: str = ""
 
@@ -136,16 +136,26 @@ def run_folder(cases: Iterable[Case], out: Path, stages: CaseStages | Callable[[
                 return i, case, claim_or_outcome, reader.submit(stages.read, case)
             return None
 
+        written: dict[int, float] = {}  # case index -> when its write ended (on the writer thread)
+
+        def write(i, case, data, result) -> CaseReport:
+            try:
+                return stages.write(case, data, result)
+            finally:
+                written[i] = time.perf_counter()
+
         def finish_write(i, case, claim, t0, future) -> None:
+            # a case's time runs from its compute to the end of its own write, not to the moment it is
+            # collected here (after the next case's compute)
             try:
                 report = future.result()
             except Exception as exc:  # noqa: BLE001 - the case fails, the batch goes on
                 reason = _fail_reason(exc, case)
                 claim.fail(reason)
-                done(i, CaseOutcome(case, FAILED, time.perf_counter() - t0, reason=reason))
+                done(i, CaseOutcome(case, FAILED, written[i] - t0, reason=reason))
             else:
                 claim.succeed()
-                done(i, CaseOutcome(case, DONE, time.perf_counter() - t0, report.tiles))
+                done(i, CaseOutcome(case, DONE, written[i] - t0, report.tiles))
             finally:
                 claim.release()
 
@@ -166,7 +176,7 @@ def run_folder(cases: Iterable[Case], out: Path, stages: CaseStages | Callable[[
                 continue
             if writing is not None:
                 finish_write(*writing)  # at most one write behind: bounded memory
-            writing = (i, case, claim, t0, writer.submit(stages.write, case, data, result))
+            writing = (i, case, claim, t0, writer.submit(write, i, case, data, result))
         if writing is not None:
             finish_write(*writing)
     return [outcomes[i] for i in sorted(outcomes)]

@@ -163,7 +163,10 @@ def quantize_int8(model, tiles: np.ndarray, input_name: str, options: QuantizeOp
         desc = f"NNCF {nncf.__version__} post-training quantisation (QDQ), mixed preset"
     else:
         import onnx
-        from onnxruntime import __version__ as ort_version
+
+        from .backends.onnxrt import import_onnxruntime
+
+        ort_version = import_onnxruntime().__version__
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
         class Reader(CalibrationDataReader):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -192,3 +193,27 @@ def test_cpu_path_imports_no_gpu_or_training_package():
         "dev = resolve_device('auto')\n"
         "print(dev, cuda_device_count(), sorted(m for m in ('torch', 'cupy', 'tensorrt') if m in sys.modules))")
     assert out == "cpu 0 []"
+
+
+def test_segmenting_writes_only_the_output_and_the_cache(tmp_path, small_ct_path):
+    """A run writes its output and, at most, flare-rt's cache: nothing in HOME, the XDG cache or TMPDIR,
+    all of them writable here. ONNX Runtime 1.32 writes a device id and an event database under
+    ~/.cache/Microsoft and a session file in TMPDIR when it loads unless its telemetry is off, which
+    flare-rt does (backends.onnxrt.import_onnxruntime) unless the caller set ORT_DISABLE_TELEMETRY."""
+    folders = {name: tmp_path / name for name in ("home", "xdg", "tmp", "cache", "out")}
+    for folder in folders.values():
+        folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env.update(HOME=str(folders["home"]), XDG_CACHE_HOME=str(folders["xdg"]), TMPDIR=str(folders["tmp"]),
+               FLARE_RT_CACHE=str(folders["cache"]), PYTHONDONTWRITEBYTECODE="1")
+    out = folders["out"] / "seg.nii.gz"
+    # ONNX Runtime, the base install's backend (OpenVINO, where installed, writes a telemetry client id
+    # under ~/intel when imported: Intel's opt-out is its `opt_in_out --opt_out`)
+    r = subprocess.run([sys.executable, "-m", "flare_rt", "segment", "--backend", "onnxruntime", "--threads", "1",
+                        *QUICK, str(small_ct_path), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in folders["out"].iterdir()] == ["seg.nii.gz"]
+    for name in ("home", "xdg", "tmp"):
+        written = sorted(str(p.relative_to(folders[name])) for p in folders[name].rglob("*"))
+        assert not written, f"segmenting wrote into {name.upper()}: {written}"

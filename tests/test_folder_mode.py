@@ -332,3 +332,25 @@ def test_reads_and_writes_overlap_the_compute_and_fail_alone(tmp_path):
     threads = {w: t for w, n, t in log if n == "a"}
     assert threads["read"].startswith("flare-read") and threads["write"].startswith("flare-write")
     assert threads["compute start"] == threading.main_thread().name
+
+
+def test_a_cases_time_ends_with_its_own_write_not_the_next_cases_compute(tmp_path):
+    """Writes trail behind the next case's compute; the summary's time of a case is still its own (compute
+    to written), not stretched by the case after it."""
+    from flare_rt.folder import CaseStages
+
+    src, out = fake_cases(tmp_path, ["a_quick", "b_slow"])
+    pause = {"a_quick": 0.05, "b_slow": 1.5}
+
+    def compute(case, data):
+        time.sleep(pause[case.name])
+        return case.name
+
+    def write(case, data, result):
+        case.output.write_text(result)
+        return CaseReport(tiles=1)
+
+    outcomes = run_folder(list_cases(src, out), out, CaseStages(lambda case: None, compute, write))
+    seconds = {o.case.name: o.seconds for o in outcomes}
+    assert seconds["b_slow"] >= 1.5
+    assert 0.05 <= seconds["a_quick"] < 1.0, seconds  # was 1.55: collected after b_slow's compute

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,19 @@ from .base import Backend, BackendOptions
 log = logging.getLogger(__name__)
 
 
-def _ort():
+#: ONNX Runtime's own switch for its telemetry (1DS events, read when the library loads).
+TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+
+
+def import_onnxruntime():
+    """``import onnxruntime``, with its telemetry off unless the caller set :data:`TELEMETRY_ENV` itself.
+
+    On Linux, ONNX Runtime 1.32 starts telemetry when it loads: it writes a device id and an event
+    database (1DS events) under ``$XDG_CACHE_HOME`` or ``~/.cache/Microsoft/DeveloperTools`` and a
+    session file in ``$TMPDIR``. A runtime that reads patient scans, often on read-only or
+    offline machines (the challenge container), writes only its outputs and its own cache, and sends
+    nothing: ``ORT_DISABLE_TELEMETRY=0`` in the environment turns it back on."""
+    os.environ.setdefault(TELEMETRY_ENV, "1")
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - base dependency
@@ -55,7 +68,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, bundle, options: BackendOptions, settings: CpuSettings = CpuSettings()):
         super().__init__(bundle, options)
-        ort = _ort()
+        ort = import_onnxruntime()
         available = ort.get_available_providers()
         if options.device == "cuda":
             if "CUDAExecutionProvider" not in available:
