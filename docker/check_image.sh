@@ -38,6 +38,7 @@ cleanup() {
     "$docker" rm -f "$name" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+trap 'exit 130' HUP INT PIPE TERM  # (through the EXIT trap: the container is removed)
 
 if [ "$gpu" = none ]; then
     set -- --name "$name"
