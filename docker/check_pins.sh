@@ -41,7 +41,8 @@ LC_ALL=C comm -23 "$tmp/installed" "$tmp/pinned" >>"$tmp/unpinned"
 if [ -s "$tmp/unpinned" ]; then
     echo "check_pins.sh: installed but not pinned at that version in $*:" >&2
     sed 's/^/  /' "$tmp/unpinned" >&2
-    echo "check_pins.sh: pin them in docker/constraints/ (tests/container/test_image_resolution.py lists what resolves)" >&2
+    echo "check_pins.sh: pin them in docker/constraints/" \
+        "(tests/container/test_image_resolution.py lists what resolves)" >&2
     exit 1
 fi
 echo "check_pins.sh: $(wc -l <"$tmp/installed") distributions, all pinned"

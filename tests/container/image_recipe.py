@@ -136,7 +136,8 @@ def trt_libs_requirements(cuda: int) -> list[str]:
 
 def write_wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
     """A metadata-only wheel of ``name`` ``version`` that requires ``requires``: stands in for a wheel
-    that cannot be downloaded here when pip's resolver runs (``--find-links folder``); not installable."""
+    that cannot be downloaded here when pip resolves (``--find-links folder``). Installing it brings its
+    requirements and no code."""
     dist = f"{canonicalize_name(name).replace('-', '_')}-{version}"
     meta = "\n".join(["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
                       *(f"Requires-Dist: {r}" for r in requires)]) + "\n"

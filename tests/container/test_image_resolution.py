@@ -2,7 +2,8 @@
 and platform (the base image's Ubuntu: its CPython, manylinux x86_64 wheels up to its glibc, binary wheels
 only) over the flare-rt wheel with each variant's extras and the constraints files the Dockerfile passes
 (docker/constraints/common.txt and the variant's own). Each variant must install exactly those pins:
-nothing the image installs floats, no pin is stale, every distribution admits the image's Python, the default variant has no PyTorch.
+nothing the image installs floats, no pin is stale, every distribution admits the image's Python, the
+default variant has no PyTorch.
 
 TensorRT: its frontend ``tensorrt-cu12`` is built from its PyPI sdist into the real wheel, and its bindings
 wheel comes from PyPI; its libs wheel lives only on pypi.nvidia.com, which no machine here reaches, so a
@@ -38,8 +39,8 @@ def tensorrt_wheels(tmp_path_factory) -> Path:
 
 
 def resolve(wheel: Path, variant: str, tmp: Path, find_links: Path) -> dict[str, tuple[Version, str | None]]:
-    """What the image's ``pip install -c common.txt -c VARIANT.txt wheel[extras]`` installs in the image for ``variant``: canonical
-    name -> (version, Requires-Python), flare-rt itself left out. ``find_links``: the TensorRT wheels."""
+    """What the image's ``pip install -c common.txt -c VARIANT.txt wheel[extras]`` installs for ``variant``:
+    canonical name -> (version, Requires-Python), flare-rt itself left out. ``find_links``: TensorRT's wheels."""
     python, glibc = image_python()
     platforms = [f"manylinux_2_{minor}_x86_64" for minor in range(17, glibc + 1)] + ["manylinux2014_x86_64"]
     report = tmp / "report.json"
@@ -70,7 +71,8 @@ def test_each_variant_installs_exactly_its_pins(variant, wheel, tensorrt_wheels,
 
     floating = {k: str(v) for k, (v, _) in resolved.items() if k not in expected}
     stale = sorted(set(expected) - set(resolved))
-    assert not floating, f"variant {variant} installs unpinned distributions: add to docker/constraints/{variant}.txt {floating}"
+    assert not floating, \
+        f"variant {variant} installs unpinned distributions: add to docker/constraints/{variant}.txt {floating}"
     assert not stale, f"docker/constraints/ pins {stale} for variant {variant}, which does not install them"
     assert {k: v for k, (v, _) in resolved.items()} == expected
     python, _ = image_python()
