@@ -10,6 +10,10 @@
 #   CHECK_GPU    the GPU (default 0: `--gpus device=0`, as the organisers run); "none" runs without one
 #   CHECK_OUTPUTS  the folder mounted as /workspace/outputs (default: a new temporary folder, kept)
 #   DOCKER       the docker command (default docker)
+#   NVIDIA_SMI   the nvidia-smi command (default nvidia-smi)
+#
+# With a GPU, its memory is sampled as the challenge samples it while the container runs: whole-device
+# used = total - free (MiB), one query, then sleep 0.1 s; reported as the maximum and AUC = sum * 0.1 MiB*s.
 #
 # Exit 0: predict.sh exited 0, every case has its output, the container wrote nothing. Exit 1: one of
 # those failed (each is reported). Exit 2: usage.
@@ -33,8 +37,13 @@ outputs=${CHECK_OUTPUTS:-$(mktemp -d "${TMPDIR:-/tmp}/flare-rt-check.XXXXXX")}
 mkdir -p "$outputs"
 outputs=$(cd "$outputs" && pwd)
 name="flare-rt-check-$$"
+smi=${NVIDIA_SMI:-nvidia-smi}
+samples="$outputs.gpu-samples"
+sampler=""
 
 cleanup() {
+    [ -z "$sampler" ] || kill "$sampler" 2>/dev/null || true
+    rm -f "$samples"
     "$docker" rm -f "$name" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -46,16 +55,49 @@ else
     set -- --gpus "device=$gpu" --name "$name"
 fi
 echo "check: $image on $inputs -> $outputs (GPU $gpu)"
-start=$(date +%s)
+
+now() {  # seconds since the epoch, with nanoseconds where date has %N
+    t=$(date +%s.%N)
+    case "$t" in *N*) date +%s ;; *) echo "$t" ;; esac
+}
+
+if [ "$gpu" != none ]; then
+    if command -v "$smi" >/dev/null 2>&1; then
+        : >"$samples"
+        while "$smi" --query-gpu=memory.total,memory.free --format=csv,noheader,nounits -i "$gpu" >>"$samples"; do
+            sleep 0.1
+        done 2>/dev/null &
+        sampler=$!
+    else
+        echo "check: no $smi here: GPU memory not sampled" >&2
+    fi
+fi
+start=$(now)
 status=0
 # The organisers' command, with a name instead of --rm so that the container can be inspected after.
 "$docker" container run "$@" -v "$inputs":/workspace/inputs -v "$outputs":/workspace/outputs "$image" \
     /bin/bash -c "sh predict.sh" || status=$?
-seconds=$(($(date +%s) - start))
+end=$(now)
+if [ -n "$sampler" ]; then
+    kill "$sampler" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
+    sampler=""
+fi
 
 failed=0
-echo "check: predict.sh exited $status after ${seconds}s (launch to exit, whole seconds)"
+echo "check: predict.sh exited $status after $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')s" \
+    "(launch to exit)"
 [ "$status" -eq 0 ] || failed=1
+if [ -f "$samples" ]; then
+    awk -F', *' -v gpu="$gpu" '
+        NF == 2 && $1 + 0 > 0 { used = $1 - $2; if (used > max) max = used; sum += used; n++ }
+        END {
+            if (!n) { print "check: GPU memory: no sample taken"; exit }
+            printf "check: GPU %s memory (whole device, total - free, sampled every 0.1 s): ", gpu
+            printf "max %d MiB, AUC %.0f MiB*s (%d samples)\n", max, sum * 0.1, n
+        }' "$samples"
+    rm -f "$samples"
+fi
 
 cases=0
 missing=""

@@ -37,6 +37,7 @@ container)
         case " ${FAKE_FAIL_CASES:-} " in *" $c "*) continue ;; esac
         printf 'labels' > "$outputs/$c.nii.gz"
     done
+    [ -z "${FAKE_RUN_SLEEP:-}" ] || sleep "$FAKE_RUN_SLEEP"
     exit "${FAKE_RUN_STATUS:-0}" ;;
 diff) [ -z "${FAKE_DIFF:-}" ] || printf '%s\\n' "$FAKE_DIFF" ;;
 esac
@@ -88,6 +89,34 @@ def test_without_a_gpu(setup):
     r, calls = check(setup, CHECK_GPU="none")
     assert r.returncode == 0, r.stderr
     assert "--gpus" not in calls[0]
+
+
+NVIDIA_SMI = """#!/bin/sh
+# nvidia-smi double: `--query-gpu=memory.total,memory.free ... -i N` answers "total, free" in MiB: 16000 free
+# on the first query, 13000 on every later one; each call is recorded
+echo "$*" >> "$SMI_LOG"
+if [ -s "$SMI_LOG.n" ]; then echo "16384, 13000"; else echo 1 > "$SMI_LOG.n"; echo "16384, 16000"; fi
+"""
+
+
+def test_gpu_memory_is_sampled_as_the_challenge_does(setup):
+    _, _, tmp = setup
+    smi = tmp / "nvidia-smi"
+    smi.write_text(NVIDIA_SMI)
+    smi.chmod(0o755)
+    r, _ = check(setup, NVIDIA_SMI=str(smi), SMI_LOG=str(tmp / "smi"), FAKE_RUN_SLEEP="0.6", CHECK_GPU="1")
+    assert r.returncode == 0, r.stderr
+    queries = (tmp / "smi").read_text().splitlines()
+    assert len(queries) >= 3 and set(queries) == {"--query-gpu=memory.total,memory.free --format=csv,noheader,"
+                                                  "nounits -i 1"}
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("check: GPU 1 memory"))
+    n = int(line.rsplit("(", 1)[1].split()[0])  # used: 384 MiB, then 3384 MiB for every later sample
+    assert n >= 3 and line.endswith(f"max 3384 MiB, AUC {round((384 + 3384 * (n - 1)) * 0.1)} MiB*s ({n} samples)")
+    assert not (tmp / "outputs.gpu-samples").exists()
+    none, _ = check(setup, NVIDIA_SMI=str(smi), SMI_LOG=str(tmp / "smi-none"), CHECK_GPU="none")
+    assert "GPU" not in none.stdout.replace("(GPU none)", "") and not (tmp / "smi-none").exists()
+    missing, _ = check(setup, NVIDIA_SMI=str(tmp / "absent"))
+    assert missing.returncode == 0 and "GPU memory not sampled" in missing.stderr
 
 
 def test_a_failed_case_fails_the_check_and_is_named(setup):
