@@ -6,7 +6,8 @@
 #
 #   docker/check_image.sh IMAGE INPUTS
 #     IMAGE    the image to hand in (e.g. teamname:latest, after export/bake_engine.sh)
-#     INPUTS   a folder of <case>_0000.nii.gz, mounted as /workspace/inputs
+#     INPUTS   a folder of <case>_0000.nii.gz, mounted as /workspace/inputs (the challenge runs one case
+#              per container: one case in INPUTS gives that case's time and memory as it would score)
 #   CHECK_GPU    the GPU (default 0: `--gpus device=0`, as the organisers run); "none" runs without one
 #   CHECK_OUTPUTS  the folder mounted as /workspace/outputs (default: a new temporary folder, kept)
 #   DOCKER       the docker command (default docker)
