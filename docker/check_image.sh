@@ -97,7 +97,6 @@ if [ -f "$samples" ]; then
             printf "check: GPU %s memory (whole device, total - free, sampled every 0.1 s): ", gpu
             printf "max %d MiB, AUC %.0f MiB*s (%d samples)\n", max, sum * 0.1, n
         }' "$samples"
-    rm -f "$samples"
 fi
 
 cases=0
@@ -117,13 +116,12 @@ echo "check: $cases case(s) in $inputs"
 
 # docker diff: "A|C|D /path" for each change to the container's own filesystem (mounts are not in it).
 # /opt and /opt/flare-rt show as changed when something below them was written.
-"$docker" diff "$name" >"$outputs.diff" || {
+changes=$("$docker" diff "$name") || {
     echo "check: docker diff $name failed" >&2
     exit 1
 }
-cache=$(grep -E '^[ACD] /opt/flare-rt/cache(/|$)' "$outputs.diff" || true)
-elsewhere=$(grep -v -E '^[ACD] (/opt|/opt/flare-rt|/opt/flare-rt/cache(/.*)?)$' "$outputs.diff" || true)
-rm -f "$outputs.diff"
+cache=$(printf '%s\n' "$changes" | grep -E '^[ACD] /opt/flare-rt/cache(/|$)' || true)
+elsewhere=$(printf '%s\n' "$changes" | grep -v -E '^([ACD] (/opt|/opt/flare-rt|/opt/flare-rt/cache(/.*)?))?$' || true)
 if [ -n "$cache" ]; then
     echo "check: the run wrote into the image's cache (not baked for this GPU: export/bake_engine.sh):" >&2
     echo "$cache" | sed 's/^/  /' >&2

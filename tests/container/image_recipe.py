@@ -55,10 +55,20 @@ def cuda_major() -> int:
     return int(m.group(1))
 
 
+def install_step() -> str:
+    """The Dockerfile's RUN that installs flare-rt (its ``case`` over $VARIANT, pip, the pin check)."""
+    (run,) = [args for cmd, args in instructions() if cmd == "RUN" and "VARIANT" in args]
+    return run
+
+
 def variant_extras() -> dict[str, list[str]]:
     """VARIANT -> the extras the Dockerfile installs for it (its ``case`` over $VARIANT)."""
-    (run,) = [args for cmd, args in instructions() if cmd == "RUN" and "VARIANT" in args]
-    return {v: e.split(",") for v, e in re.findall(r"(\w+)\)\s*extras=([\w,]+)", run)}
+    return {v: e.split(",") for v, e in re.findall(r"(\w+)\)\s*extras=([\w,]+)", install_step())}
+
+
+def constraint_args() -> list[str]:
+    """The paths the install step's pip takes as ``--constraint``, as written (``${VARIANT}`` unexpanded)."""
+    return re.findall(r'--constraint\s+"?([^"\s]+)"?', install_step())
 
 
 def pin_sections() -> dict[str, dict[str, Version]]:
@@ -87,13 +97,17 @@ def constraint_files(variant: str) -> list[Path]:
     substituted), as paths in this checkout (the folder COPY brings docker/constraints/ to, mapped back)."""
     (copy,) = [args.split() for cmd, args in instructions() if cmd == "COPY" and "docker/constraints/" in args]
     dest = copy[-1].rstrip("/") + "/"
-    (run,) = [args for cmd, args in instructions() if cmd == "RUN" and "VARIANT" in args]
     out = []
-    for given in re.findall(r'--constraint\s+"?([^"\s]+)"?', run):
+    for given in constraint_args():
         given = given.replace("${VARIANT}", variant)
         assert given.startswith(dest), f"--constraint {given} is not in {dest} (COPY docker/constraints/ {dest})"
         out.append(CONSTRAINTS / given[len(dest):])
     return out
+
+
+def constraint_options(variant: str) -> list[str]:
+    """``--constraint FILE`` for each of :func:`constraint_files`, for a ``pip install`` run here."""
+    return [arg for f in constraint_files(variant) for arg in ("--constraint", str(f))]
 
 
 def pins(variant: str) -> dict[str, Version]:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from image_recipe import (TRT_FRONTEND, TRT_LIBS, constraint_files, cuda_major, image_python, installable, pins,
+from image_recipe import (TRT_FRONTEND, TRT_LIBS, constraint_options, cuda_major, image_python, installable, pins,
                           trt_libs_requirements, variant_extras, write_wheel)
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -51,7 +51,7 @@ def resolve(wheel: Path, variant: str, tmp: Path, find_links: Path) -> dict[str,
            "--ignore-requires-python",
            *[arg for p in platforms for arg in ("--platform", p)],
            "--find-links", str(find_links),
-           *[arg for f in constraint_files(variant) for arg in ("--constraint", str(f))],
+           *constraint_options(variant),
            str(wheel), *installable(variant, tensorrt=True)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, f"the image's pins do not resolve for variant {variant}:\n{r.stderr[-4000:]}"

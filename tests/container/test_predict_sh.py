@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from image_recipe import constraint_files, find_interpreter, image_python, installable
+from image_recipe import constraint_files, constraint_options, find_interpreter, image_python, installable
 
 REPO = Path(__file__).resolve().parents[2]
 PREDICT = REPO / "predict.sh"
@@ -72,7 +72,7 @@ def image_venv(wheel, tmp_path_factory) -> Path:
     python = find_interpreter(image_python()[0])
     for cmd in ([str(python), "-m", "venv", str(venv)],
                 [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-cache-dir",
-                 *[arg for f in constraint_files("tensorrt") for arg in ("--constraint", str(f))],
+                 *constraint_options("tensorrt"),
                  str(wheel), *installable("tensorrt", tensorrt=False)]):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
         assert r.returncode == 0, f"{cmd[:4]}...: {r.stderr[-3000:]}"
