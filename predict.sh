@@ -3,7 +3,8 @@
 # every $FLARE_RT_INPUTS/*_0000.nii.gz -> $FLARE_RT_OUTPUTS/<case>.nii.gz (uint8 labels on the input's
 # grid), in one flare-rt process (model and engine loaded once). A case that fails is logged and
 # skipped; the others are still written. Exit status: 0 all cases written, 1 some failed (listed),
-# 2 no input cases, 3 outputs not writable, other: flare-rt's error codes (4: no usable backend, ...).
+# otherwise flare-rt's error codes, which this script's own checks share: 2 no input case (bad input),
+# 3 model, 4 no usable backend, 6 bad option, 7 out of memory, 8 outputs not writable.
 #
 # Environment (defaults as in the image):
 #   FLARE_RT_INPUTS=/workspace/inputs  FLARE_RT_OUTPUTS=/workspace/outputs
@@ -32,7 +33,7 @@ cases=$#
 
 if ! mkdir -p "$outputs" 2>/dev/null || ! (: > "$outputs/.predict-write-test.$$") 2>/dev/null; then
     say "cannot write into $outputs as uid $(id -u); run the container as root or make $outputs writable"
-    exit 3
+    exit 8
 fi
 rm -f "$outputs/.predict-write-test.$$"
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .atomic import check_writable
 from .errors import ConfigError, FlareError, InputImageError
 from .resources import default_model
 
@@ -17,13 +18,13 @@ log = logging.getLogger("flare_rt")
 
 # -- segment ----------------------------------------------------------------------------------------
 def _output_path(src: Path, dst: Path) -> Path:
-    from .io import image_suffix
+    from .io import IMAGE_SUFFIXES, image_suffix
 
     if image_suffix(dst):
         return dst
     if src.is_dir():  # a DICOM series: .nii.gz by default
         return dst.with_name(dst.name + ".nii.gz") if not dst.is_dir() else dst / f"{src.resolve().name}.nii.gz"
-    raise InputImageError(f"{dst}: unknown output format; end OUT with one of .nii.gz, .nii, .mha, .nrrd")
+    raise InputImageError(f"{dst}: unknown output format; end OUT with one of {', '.join(IMAGE_SUFFIXES)}")
 
 
 def segment_options(args):
@@ -119,6 +120,9 @@ def segment_single(src: Path, dst: Path, options, args) -> int:
         for path in outputs.files(options.probabilities):
             if path.exists():
                 raise InputImageError(f"{path}: exists; pass --overwrite to replace it")
+    extras = [Path(p) for p in (args.report, args.save_network_labels) if p]
+    for folder in dict.fromkeys(p.parent for p in [*outputs.files(options.probabilities), *extras]):
+        check_writable(folder)
     timer = StageTimer()
     vol, seg = _read_and_load(src, options, args, timer)
     pred = seg.segment_volume(vol, outputs, timer)
@@ -137,12 +141,19 @@ def segment_single(src: Path, dst: Path, options, args) -> int:
 def segment_folder(src: Path, dst: Path, options, args) -> int:
     from tqdm import tqdm
 
-    from .folder import CaseReport, CaseStages, list_cases, parse_part, run_folder, summary_table
+    from .folder import CaseReport, CaseStages, list_cases, other_images, parse_part, run_folder, summary_table
     from .io import load_volume
     from .pipeline import StageTimer
 
     t0 = time.perf_counter()
+    check_writable(dst)
+    if isinstance(args.statistics, str):
+        check_writable(Path(args.statistics).parent)
     cases = list_cases(src, dst, parse_part(args.part))
+    others = other_images(src)
+    if others:
+        log.warning("%s: %d image file(s) not named *_0000.nii.gz are not segmented: %s", src, len(others),
+                    ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
     seg = load_segmenter(args, options, progress=False)
 
     def read(case):
@@ -235,6 +246,9 @@ def cmd_export(args) -> int:
 
 # -- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .backends import REGISTRY
+
+    backend_names = ", ".join(REGISTRY)
     p = argparse.ArgumentParser(prog="flare-rt", description="Fast FLARE abdominal CT segmentation runtime.")
     p.add_argument("--version", action="version", version=f"flare-rt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -248,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", help="label file (format from extension) or output folder in folder mode")
     s.add_argument("--model", help="model bundle (.onnx); default $FLARE_RT_MODEL or the packaged model")
     s.add_argument("--mode", choices=["fast", "faithful"], default="fast",
-                   help="faithful: nnU-Net's predictor step by step; fast (default): ROI crop, air tiles "
-                        "skipped, argmax at network resolution")
-    s.add_argument("--backend", default="auto", help="auto, tensorrt, onnxruntime or torch")
+                   help="faithful: nnU-Net's predictor step by step; fast (default): air tiles skipped, labels "
+                        "upsampled with the logits interpolated only where they change")
+    s.add_argument("--backend", default="auto", help=f"auto (by device and bundle precision), {backend_names}")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
     s.add_argument("--step", type=float, default=None, help="tile step as a fraction of the patch (0.5 = nnU-Net)")
@@ -266,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "beside the output); folder mode also writes statistics.csv (or PATH), a row per case")
     s.add_argument("--preview", nargs="?", const=True, metavar="PATH.png",
                    help="PNG of axial, coronal and sagittal slices with the labels (default <name>_preview.png)")
-    s.add_argument("--part", metavar="I/N", help="folder mode: take the I-th of N static shards of the cases")
+    s.add_argument("--part", metavar="I/N", help="folder mode: take the I-th (1-based) of N static shards of the cases")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.add_argument("--force", action="store_true", help="segment images whose intensities do not look like CT")
     s.add_argument("--series", help="DICOM SeriesInstanceUID to use when a folder holds several")

@@ -47,6 +47,12 @@ class ResourceError(FlareError):
     exit_code = 7
 
 
+class OutputError(FlareError):
+    """An output cannot be written where it was asked for (permissions, a read-only or full file system)."""
+
+    exit_code = 8
+
+
 class EngineError(BackendUnavailableError):
     """A TensorRT engine cannot be built, found or loaded for this GPU, TensorRT version and bundle
     (a backend-unavailable error: ``--backend auto`` falls back to the next backend)."""

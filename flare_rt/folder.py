@@ -76,6 +76,15 @@ def list_cases(src: Path, dst: Path, part: tuple[int, int] = (1, 1)) -> list[Cas
     return cases[i - 1::n]
 
 
+def other_images(src: Path) -> list[str]:
+    """Image files in ``src`` that folder mode does not take (not named ``*_0000.nii.gz``), e.g. a second
+    channel ``*_0001.nii.gz`` or a case named without the channel suffix."""
+    from .io import image_suffix
+
+    return sorted(p.name for p in src.iterdir()
+                  if image_suffix(p) and not p.name.endswith(CASE_SUFFIX) and not p.name.startswith("."))
+
+
 @dataclass(frozen=True)
 class CaseStages:
     """How one case is segmented, in three steps that folder mode overlaps: ``read`` (the next case is read

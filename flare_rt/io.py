@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import ConfigError, InputImageError
+from .atomic import atomic_files, atomic_path
+from .errors import ConfigError, InputImageError, OutputError
 from .geometry import Geometry
-from .nifti import NIFTI_SUFFIXES, check_header_start, gzip_error
+from .metaimage import check_metaimage
+from .nifti import HEADER_SIZE, NIFTI_SUFFIXES, gzip_error, truncated_error, voxel_extent
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +87,18 @@ def _sitk(path: Path, doing: str):
     return sitk
 
 
-def _check_gzip(path: Path) -> None:
+def _stored_length(path: Path) -> int:
+    """The file's length, uncompressed for ``.gz`` (reading it whole checks the gzip stream's CRC and length)."""
     if not str(path).lower().endswith(".gz"):
-        return
+        return path.stat().st_size
+    n = 0
     try:
         with gzip.open(path, "rb") as fh:
-            while fh.read(1 << 22):
-                pass
+            while chunk := fh.read(1 << 22):
+                n += len(chunk)
     except (OSError, EOFError, zlib.error) as exc:
         raise gzip_error(path, exc) from exc
+    return n
 
 
 def _check_file(path: Path) -> None:
@@ -115,21 +119,26 @@ def read_image(path: str | Path, series_uid: str | None = None):
     if path.is_dir():
         return read_dicom_series(path, series_uid)
     sitk = _sitk(path, f"reading {image_suffix(path) or path.suffix or 'these'} images")
-    # the gzip stream's CRC check runs on a thread beside ITK's own decompression (zlib releases the GIL);
-    # a corrupt stream is the error reported, whatever ITK made of it
+    suffix = image_suffix(path)
+    extent = _nifti_extent(path) if suffix in NIFTI_SUFFIXES else None
+    if suffix in (".mha", ".mhd"):
+        check_metaimage(path)
+    # the file's length is counted (and a gzip stream's CRC checked) on a thread beside ITK's own read (zlib
+    # releases the GIL); a corrupt stream or missing voxel data is the error reported, whatever ITK made of it
     with ThreadPoolExecutor(1, thread_name_prefix="flare-rt-gzip") as pool:
-        crc = pool.submit(_check_gzip, path)
+        stored = pool.submit(_stored_length, path)
         try:
-            if image_suffix(path) in (".nii", ".nii.gz"):
-                _check_nifti_header(path)
-            try:
-                image = sitk.ReadImage(str(path))
-            except RuntimeError as exc:
-                raise InputImageError(f"{path}: cannot read image: unknown format or corrupt file "
-                                      f"({_itk_message(exc)})") from exc
-        finally:  # its error, if any, replaces ITK's
-            crc.result()
-    if image_suffix(path) in (".nii", ".nii.gz") and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+            image, failure = sitk.ReadImage(str(path)), None
+        except RuntimeError as exc:
+            image, failure = None, InputImageError(f"{path}: cannot read image: unknown format or corrupt file "
+                                                   f"({_itk_message(exc)})")
+        length = stored.result()
+    if extent is not None and length < sum(extent):  # ITK's NIfTI reader fills missing voxels with zeros
+        offset, nbytes = extent
+        raise truncated_error(path, max(0, length - offset), nbytes)
+    if failure is not None:
+        raise failure
+    if suffix in NIFTI_SUFFIXES and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = _nifti_nonfinite(path)
         if bad:
             raise InputImageError(f"{path}: {bad} voxels are NaN or infinite; fix or mask them first")
@@ -146,11 +155,15 @@ def _itk_message(exc: Exception) -> str:
     return msg[-200:]
 
 
-def _check_nifti_header(path: Path) -> None:
-    """A NIfTI file starts with its header size, 348 (NIfTI-1) or 540 (NIfTI-2), in either byte order."""
+def _nifti_extent(path: Path) -> tuple[int, int] | None:
+    """(offset, length) of a NIfTI file's voxel data, from its header (:func:`flare_rt.nifti.voxel_extent`)."""
     opener = gzip.open if str(path).lower().endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        check_header_start(fh.read(4), path)
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(HEADER_SIZE)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise gzip_error(path, exc) from exc
+    return voxel_extent(head, path)
 
 
 def _nifti_nonfinite(path: Path) -> int:
@@ -165,7 +178,12 @@ def _nifti_nonfinite(path: Path) -> int:
 def read_dicom_series(folder: Path, series_uid: str | None = None):
     sitk = _sitk(folder, "reading DICOM series")
     reader = sitk.ImageSeriesReader()
-    uids = list(reader.GetGDCMSeriesIDs(str(folder)) or ())
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr about a folder without series
+    try:
+        uids = list(reader.GetGDCMSeriesIDs(str(folder)) or ())
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not uids:
         raise InputImageError(f"{folder}: no DICOM series found in this directory")
     if series_uid is not None:
@@ -307,12 +325,12 @@ def write_labels(labels: np.ndarray, geometry: Geometry, path: str | Path) -> Pa
         return path
     sitk = _sitk(path, f"writing {suffix} images")
     img = geometry.apply_to(sitk.GetImageFromArray(labels))
-    if suffix in (".mhd", ".nhdr"):  # the header names its data file: a temp name would stay in it
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(img, str(path), useCompression=True)
-        return path
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(img, str(tmp), useCompression=True)
+    # .mhd/.nhdr: the header names its data file, so both are written under their own names elsewhere
+    with (atomic_files if suffix in (".mhd", ".nhdr") else atomic_path)(path) as tmp:
+        try:
+            sitk.WriteImage(img, str(tmp), useCompression=True)
+        except RuntimeError as exc:
+            raise OutputError(f"{path}: cannot write ({_itk_message(exc)})") from exc
     return path
 
 

@@ -100,6 +100,27 @@ def check_header_start(head: bytes, path: Path) -> int:
     return 348 if 348 in sizes else 540
 
 
+def voxel_extent(head: bytes, path: Path) -> tuple[int, int] | None:
+    """Where a single-file NIfTI-1's voxel data lie in the uncompressed file, (offset, length in bytes), from
+    its first bytes ``head``: raises for a file that is not NIfTI or whose header is cut short; None where this
+    module does not lay the file out (NIfTI-2, ANALYZE, a two-file header, an unsupported data type), which
+    then is the reader's to judge."""
+    if check_header_start(head, path) == 540:
+        return None
+    if len(head) < HEADER_SIZE:
+        raise InputImageError(f"{path}: truncated NIfTI header ({len(head)} bytes)")
+    try:
+        layout = _Layout.of(_header_fields(head[:HEADER_SIZE], path), path)
+    except InputImageError:
+        return None
+    return layout.offset, layout.nbytes
+
+
+def truncated_error(path: Path, got: int, nbytes: int) -> InputImageError:
+    return InputImageError(f"{path}: cannot read image: {got} bytes of voxel data where its header promises "
+                           f"{nbytes} (truncated file?)")
+
+
 # -- reading -------------------------------------------------------------------------------------------------
 def read_nifti(path: str | Path) -> NiftiImage:
     """Read a single-file NIfTI-1 image (``.nii`` or ``.nii.gz``) as SimpleITK would (no validation of the
@@ -120,8 +141,7 @@ def read_nifti(path: str | Path) -> NiftiImage:
             buf = np.empty(layout.nbytes, np.uint8)
             got = _read_into(fh, memoryview(buf))
             if got < layout.nbytes:
-                raise InputImageError(f"{path}: cannot read image: {got} bytes of voxel data where its header "
-                                      f"promises {layout.nbytes} (truncated file?)")
+                raise truncated_error(path, got, layout.nbytes)
             if gz:  # read to the end: gzip checks the CRC and length in its trailer
                 while fh.read(1 << 22):
                     pass

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 from flare_rt.backends import create_backend
 from flare_rt.bundle import Bundle
 from flare_rt.cli import main
-from flare_rt.errors import InputImageError
-from flare_rt.io import load_volume
+from flare_rt.errors import InputImageError, OutputError
+from flare_rt.io import load_volume, write_labels
 from flare_rt.pipeline import SegmentOptions, Segmenter
 from flare_rt.resources import packaged_model
 from trivial_nets import BandNet, expected_bands
@@ -129,6 +129,64 @@ def test_errors_in_our_words(capsys, tmp_path, out_dir, name, content, words):
     rc, err = run(capsys, src, out_dir / "seg.nii.gz")
     line = assert_refused(rc, err, src, *words)
     assert "sitk::ERROR" not in line and ".cxx" not in line  # no library internals
+    assert_empty(out_dir)
+
+
+@pytest.fixture(params=["simpleitk", "nibabel"])
+def nifti_reader(request, monkeypatch) -> str:
+    monkeypatch.setenv("FLARE_RT_IMAGE_IO", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("kept", [0.5, 0.0])  # half the voxels, or the header alone
+def test_truncated_nifti_voxels(capsys, tmp_path, out_dir, ct_path, nifti_reader, suffix, kept):
+    """ITK's NIfTI reader fills voxels missing at the end of the file with zeros and succeeds: the length the
+    header promises is checked on both readers."""
+    raw = gzip.decompress(ct_path.read_bytes())
+    offset = int(np.frombuffer(raw[108:112], "<f4")[0])  # vox_offset
+    nbytes = len(raw) - offset
+    cut = raw[: offset + int(nbytes * kept)]
+    src = tmp_path / f"cut{suffix}"
+    src.write_bytes(gzip.compress(cut) if suffix == ".nii.gz" else cut)
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, f"{int(nbytes * kept)} bytes of voxel data where its header promises {nbytes}",
+                   "truncated")
+    assert_empty(out_dir)
+
+
+def test_truncated_nifti_header(capsys, tmp_path, out_dir, ct_path, nifti_reader):
+    src = tmp_path / "cut.nii.gz"
+    src.write_bytes(gzip.compress(gzip.decompress(ct_path.read_bytes())[:200]))
+    rc, err = run(capsys, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, "truncated NIfTI header (200 bytes)")
+    assert_empty(out_dir)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".mhd"])
+def test_truncated_metaimage(capfd, tmp_path, out_dir, ct, suffix):
+    """ITK's MetaImage reader prints its own lines and then blames "No such file or directory"."""
+    src = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(ct, str(src))  # uncompressed
+    data = src if suffix == ".mha" else tmp_path / "ct.raw"
+    blob = data.read_bytes()
+    nbytes = ct.GetNumberOfPixels() * ct.GetSizeOfPixelComponent()
+    data.write_bytes(blob[: len(blob) - nbytes // 2])
+    capfd.readouterr()  # ITK's warnings while writing the test's input
+    rc, err = run(capfd, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, f"{nbytes - nbytes // 2} bytes of voxel data where its header promises {nbytes}")
+    assert "MetaImage" not in err and "No such file" not in err, err
+    assert_empty(out_dir)
+
+
+def test_metaimage_without_its_data_file(capfd, tmp_path, out_dir, ct):
+    src = tmp_path / "ct.mhd"
+    sitk.WriteImage(ct, str(src))
+    (tmp_path / "ct.raw").unlink()
+    capfd.readouterr()
+    rc, err = run(capfd, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, [src, tmp_path / "ct.raw"], "does not exist")
+    assert "MetaImage" not in err, err
     assert_empty(out_dir)
 
 
@@ -261,6 +319,16 @@ def test_dicom_with_missing_slice(capsys, tmp_path, out_dir, shared_data):
     assert_empty(out_dir)
 
 
+def test_empty_folder_without_library_warnings(capfd, tmp_path, out_dir):
+    """GDCM's warning about a folder without series goes to the C++ stderr: only flare-rt's line is shown."""
+    src = tmp_path / "empty"
+    src.mkdir()
+    rc, err = run(capfd, src, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, src, "no DICOM series")
+    assert [ln for ln in err.splitlines() if not ln.startswith(("flare-rt: ", "WARNING flare_rt"))] == [], err
+    assert_empty(out_dir)
+
+
 def test_folder_without_dicom(capsys, tmp_path, out_dir):
     src = tmp_path / "not_dicom"
     src.mkdir()
@@ -269,3 +337,79 @@ def test_folder_without_dicom(capsys, tmp_path, out_dir):
     rc, err = run(capsys, src, out_dir / "seg.nii.gz")
     assert_refused(rc, err, src, "no DICOM series")
     assert_empty(out_dir)
+
+
+# -- outputs that cannot be written ---------------------------------------------------------------------------
+OUTPUT_ERROR = OutputError.exit_code  # 8
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the model is loaded: an output that cannot be written is refused before any work."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output location was checked")
+
+    monkeypatch.setattr("flare_rt.cli.load_segmenter", load)
+
+
+def test_output_under_a_file(capsys, tmp_path, ct_path, no_model):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the output folder would be")
+    rc, err = run(capsys, ct_path, blocker / "seg.nii.gz")
+    assert_refused(rc, err, blocker, "cannot write", "not a folder", code=OUTPUT_ERROR)
+    assert blocker.read_text() == "a file where the output folder would be"
+
+
+def test_output_folder_without_permission(capsys, tmp_path, ct_path, no_model, monkeypatch):
+    """What a read-only mount or a folder of another user gives (tests may run as root, whom chmod does not
+    stop, so the operating system's refusal is stood in for)."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("flare_rt.atomic.tempfile.mkstemp", refuse)
+    rc, err = run(capsys, ct_path, out_dir / "seg.nii.gz")
+    assert_refused(rc, err, out_dir, "cannot write (Permission denied)", code=OUTPUT_ERROR)
+    assert_empty(out_dir)
+
+
+@pytest.fixture
+def one_case(tmp_path, ct_path) -> Path:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "case_0000.nii.gz").symlink_to(ct_path)
+    return inputs
+
+
+def test_folder_mode_output_under_a_file(capsys, tmp_path, one_case, no_model):
+    blocker = tmp_path / "results"
+    blocker.write_text("")
+    rc, err = run(capsys, one_case, blocker / "out")
+    assert_refused(rc, err, blocker / "out", "cannot write", code=OUTPUT_ERROR)
+
+
+def test_statistics_path_not_writable_in_folder_mode(capsys, tmp_path, one_case, no_model):
+    blocker = tmp_path / "results"
+    blocker.write_text("")
+    rc, err = run(capsys, one_case, tmp_path / "out", "--statistics", blocker / "stats.csv")
+    assert_refused(rc, err, blocker, "cannot write", code=OUTPUT_ERROR)
+
+
+@pytest.mark.parametrize("suffix, data_file", [(".mhd", "seg.zraw"), (".nhdr", "seg.raw.gz"), (".nii.gz", None)])
+def test_failed_write_leaves_no_output(tmp_path, ct, suffix, data_file):
+    """A write that fails part-way (here: the name of the file to write is taken by a folder) leaves neither
+    a header without its data, nor a temporary file, nor the data alone."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    taken = out_dir / (data_file or f"seg{suffix}")
+    taken.mkdir()
+    (taken / "keep").write_text("")
+    labels = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8)
+    from flare_rt.geometry import Geometry
+
+    with pytest.raises(OutputError, match=r"seg\.(mhd|nhdr|nii\.gz): cannot write"):
+        write_labels(labels, Geometry.of(ct), out_dir / f"seg{suffix}")
+    assert sorted(p.name for p in out_dir.iterdir()) == [taken.name]
+    assert sorted(p.name for p in taken.iterdir()) == ["keep"]

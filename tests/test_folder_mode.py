@@ -49,6 +49,8 @@ def cases(tmp_path_factory, small_ct_path) -> Path:
     for name in ("a", "b"):
         shutil.copyfile(small_ct_path, src / f"{name}_0000.nii.gz")
     corrupt_gzip(src / "c_0000.nii.gz")
+    shutil.copyfile(small_ct_path, src / "d_0001.nii.gz")  # a second channel: not a case, said so
+    (src / "notes.txt").write_text("not an image\n")
     return src
 
 
@@ -81,11 +83,12 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_first_run(first_run, ct):
+def test_first_run(first_run, ct, cases):
     rc, out, err, stdout = first_run
     assert rc == 1
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz"]  # no c, no temp or lock files
     check_failure_report(err)
+    assert f"{cases}: 1 image file(s) not named *_0000.nii.gz are not segmented: d_0001.nii.gz" in err, err
     labels = []
     for name in ("a", "b"):
         seg = sitk.ReadImage(str(out / f"{name}.nii.gz"))

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     r.add_argument("--work", type=Path, required=True, help="work folder: labels, models, state, report")
     r.add_argument("--hold-out", action="append", default=[], metavar="CASE",
                    help="leave this case out of the dataset (repeatable), e.g. to evaluate the result on it")
-    r.add_argument("--backend", default="auto", help="pseudo-labelling backend: auto, onnxruntime, torch")
+    r.add_argument("--backend", default="auto", help="pseudo-labelling backend: auto or one of flare-rt segment's backends")
     r.add_argument("--device", default="auto", help="pseudo-labelling device: auto, cpu, cuda")
     r.add_argument("--threads", type=int, default=None, help="CPU threads per pseudo-labelling worker")
     r.add_argument("--workers", type=int, default=1, help="pseudo-labelling workers (with --ray on CPUs)")

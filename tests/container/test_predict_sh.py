@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from image_recipe import constraint_files, constraint_options, find_interpreter, image_python, installable
+from flare_rt.errors import OutputError
 
 REPO = Path(__file__).resolve().parents[2]
 PREDICT = REPO / "predict.sh"
@@ -218,7 +219,7 @@ def test_a_non_root_user_cannot_write_a_root_owned_outputs_mount(workspace, imag
     outputs.mkdir(exist_ok=True)
     outputs.chmod(0o755 if AS_ROOT else 0o555)  # root-owned 0755 (as root), or simply read-only
     r = run_predict(image_env(base, image_venv, FLARE_RT_OUTPUTS=str(outputs)), cwd=base, user=NOBODY)
-    assert r.returncode == 3, r.stderr
+    assert r.returncode == OutputError.exit_code == 8, r.stderr  # flare-rt's own code for it
     uid = NOBODY if AS_ROOT else os.geteuid()
     assert f"cannot write into {outputs} as uid {uid}; run the container as root" in r.stderr
     assert list(outputs.iterdir()) == []
