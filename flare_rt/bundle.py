@@ -109,9 +109,9 @@ class BundleMeta:
             return cls(**d)
         except ModelError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelError(f"{where}: malformed flare-rt metadata ({exc}); re-create the bundle with "
-                             "'flare-rt import-nnunet' or 'flare-rt export'") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{where}: malformed flare-rt metadata ({type(exc).__name__}: {exc}); re-create the "
+                             "bundle with 'flare-rt import-nnunet' or 'flare-rt export'") from exc
 
     def with_(self, **changes) -> "BundleMeta":
         return replace(self, **changes)
@@ -128,8 +128,10 @@ class Bundle:
     def load(cls, path: str | Path) -> "Bundle":
         path = Path(path)
         if not path.is_file():
-            raise ModelError(f"{path}: model bundle not found; pass --model PATH to a .onnx bundle "
+            raise ModelError(f"{path}: model bundle not found; give the path of a .onnx bundle "
                              "(create one with 'flare-rt import-nnunet')")
+        if path.stat().st_size == 0:
+            raise ModelError(f"{path}: the model bundle is empty (0 bytes); copy or create it again")
         return cls(path, read_meta(path))
 
     def load_onnx(self):

@@ -217,6 +217,7 @@ def cmd_import_nnunet(args) -> int:
     from .nets.unet import load_weights
     from .nnunet import read_nnunet_model
 
+    check_writable(Path(args.bundle).parent)
     model = read_nnunet_model(args.model_dir, args.configuration, args.fold, args.checkpoint, args.trust_checkpoint)
     meta = model.meta
     if args.orientation:
@@ -238,6 +239,7 @@ def cmd_export(args) -> int:
     from .nets import network_from_bundle
 
     b = Bundle.load(args.bundle)
+    check_writable(Path(args.output).parent)
     net = network_from_bundle(b)
     path, results = export_bundle(net, b.meta, args.output, args.precision, default_check_inputs(b.meta))
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)

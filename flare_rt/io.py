@@ -175,15 +175,22 @@ def _nifti_nonfinite(path: Path) -> int:
     return int(np.count_nonzero(~np.isfinite(data)))
 
 
+def dicom_series_ids(folder: Path) -> list[str]:
+    """The DICOM series UIDs in ``folder`` (none for a folder without DICOM files), without the warning GDCM
+    prints on stderr for a folder that holds no series."""
+    sitk = _sitk(folder, "reading DICOM series")
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def read_dicom_series(folder: Path, series_uid: str | None = None):
     sitk = _sitk(folder, "reading DICOM series")
     reader = sitk.ImageSeriesReader()
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr about a folder without series
-    try:
-        uids = list(reader.GetGDCMSeriesIDs(str(folder)) or ())
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    uids = dicom_series_ids(folder)
     if not uids:
         raise InputImageError(f"{folder}: no DICOM series found in this directory")
     if series_uid is not None:
@@ -277,19 +284,24 @@ def _volume(array: np.ndarray, geometry: Geometry, source: str, pixel_type: str,
     return volume
 
 
-def check_ct_intensities(array: np.ndarray, source: str, force: bool) -> None:
+def check_ct_intensities(array: np.ndarray, source: str, force: bool | None) -> None:
+    """Refuse intensities that are not CT in HU; ``force=True`` only warns, ``None`` refuses without offering
+    ``--force`` (for callers that have no such option)."""
     sample = array.ravel()[:: max(1, array.size // 2_000_000)]
     lo, med = float(array.min()), float(np.median(sample))
     if lo > CT_MIN_AIR_HU or med > CT_MAX_MEDIAN_HU:
         msg = (f"{source}: intensities do not look like CT in Hounsfield units (min {lo:g}, median {med:g}; "
-               f"expected min <= {CT_MIN_AIR_HU:g} and median <= {CT_MAX_MEDIAN_HU:g}); pass --force to segment anyway")
-        if not force:
+               f"expected min <= {CT_MIN_AIR_HU:g} and median <= {CT_MAX_MEDIAN_HU:g})")
+        if force is None:
             raise InputImageError(msg)
+        if not force:
+            raise InputImageError(msg + "; pass --force to segment anyway")
         log.warning("%s", msg)
 
 
-def load_volume(path: str | Path, series_uid: str | None = None, force: bool = False) -> Volume:
-    """Read and validate a CT: a NIfTI, MHA or NRRD file or a DICOM series folder."""
+def load_volume(path: str | Path, series_uid: str | None = None, force: bool | None = False) -> Volume:
+    """Read and validate a CT: a NIfTI, MHA or NRRD file or a DICOM series folder (``force``: see
+    :func:`check_ct_intensities`)."""
     if image_suffix(path) in NIFTI_SUFFIXES and nifti_io() == "nibabel":
         return _load_nifti(Path(path), str(path), force)
     return to_volume(read_image(path, series_uid), str(path), force)

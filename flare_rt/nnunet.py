@@ -25,9 +25,17 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ModelError(f"{path}: missing; an nnU-Net model folder holds plans.json, dataset.json and fold_X/")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, found a {type(data).__name__}")
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def resolve_configuration(plans: dict, name: str) -> dict:
@@ -114,7 +122,9 @@ def _pick_checkpoint(model_dir: Path, fold: str | None, checkpoint: str) -> Path
     if fold is None:
         folds = sorted(p.name for p in model_dir.glob("fold_*") if (p / checkpoint).is_file())
         if not folds:
-            raise ModelError(f"{model_dir}: no fold_*/{checkpoint} found; pass --checkpoint NAME")
+            present = sorted(str(p.relative_to(model_dir)) for p in model_dir.glob("fold_*/*.pth"))
+            raise ModelError(f"{model_dir}: no fold_*/{checkpoint} found; checkpoints present: {present or 'none'}"
+                             + ("; pass --checkpoint with one of their names" if present else ""))
         if len(folds) > 1:
             log.warning("%s: several folds (%s); using %s (pass --fold to choose)", model_dir, folds, folds[0])
         return model_dir / folds[0] / checkpoint
@@ -131,9 +141,20 @@ def load_checkpoint(path: Path, trust: bool = False) -> dict:
     import numpy as np
     import torch
 
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: the checkpoint is empty (0 bytes); copy it again from the trained model")
+    if not _torch_file(path):
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint: neither a complete zip archive nor a pickle "
+                         "(corrupt, truncated or another kind of file); copy it again from the trained model")
     if trust:
         log.warning("%s: full unpickling (--trust-checkpoint): only do this for files you trust", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return _checked(torch.load(path, map_location="cpu", weights_only=False), path)
+        except ModelError:
+            raise
+        except Exception as exc:  # torch raises pickle, zip and runtime errors for a damaged file
+            raise ModelError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)}); "
+                             "copy it again from the trained model") from exc
     allowed = [np.dtype, np.ndarray, np.float32, np.float64, np.int64, np.int32, np.bool_]
     try:
         from numpy._core.multiarray import _reconstruct, scalar  # numpy >= 2
@@ -144,12 +165,34 @@ def load_checkpoint(path: Path, trust: bool = False) -> dict:
     allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool")]
     try:
         with torch.serialization.safe_globals([a for a in allowed if a is not None]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _checked(torch.load(path, map_location="cpu", weights_only=True), path)
+    except ModelError:
+        raise
     except Exception as exc:  # torch raises pickle.UnpicklingError / RuntimeError for disallowed globals
         if isinstance(exc, FileNotFoundError):
             raise ModelError(f"{path}: checkpoint not found") from exc
-        raise ModelError(f"{path}: checkpoint cannot be loaded safely ({str(exc).splitlines()[0]}); "
-                         "if you trust this file, pass --trust-checkpoint") from exc
+        if "Unsupported global" in str(exc) or "Weights only load failed" in str(exc):
+            raise ModelError(f"{path}: checkpoint cannot be loaded safely ({_first_line(exc)}); "
+                             "if you trust this file, pass --trust-checkpoint") from exc
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint, corrupt or truncated ({_first_line(exc)}); "
+                         "copy it again from the trained model") from exc
+
+
+def _torch_file(path: Path) -> bool:
+    """What ``torch.save`` writes: a zip archive (with its central directory, so not cut short), or a
+    legacy pickle (first byte: the pickle PROTO opcode)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(1) == b"\x80"
+
+
+def _checked(ckpt, path: Path) -> dict:
+    if not isinstance(ckpt, dict):
+        raise ModelError(f"{path}: not an nnU-Net checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
 
 
 def read_nnunet_model(model_dir: str | Path, configuration: str = "3d_fullres", fold: str | None = None,
@@ -159,6 +202,16 @@ def read_nnunet_model(model_dir: str | Path, configuration: str = "3d_fullres", 
         raise ModelError(f"{model_dir}: not a directory; pass an nnU-Net trained-model folder")
     plans = _read_json(model_dir / "plans.json")
     dataset = _read_json(model_dir / "dataset.json")
+    try:
+        return _read_model(model_dir, plans, dataset, configuration, fold, checkpoint, trust_checkpoint)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else _first_line(exc)
+        raise ModelError(f"{model_dir}: plans.json, dataset.json or the checkpoint do not describe an nnU-Net v2 "
+                         f"model ({what}); pass the folder nnU-Net's training wrote") from exc
+
+
+def _read_model(model_dir: Path, plans: dict, dataset: dict, configuration: str, fold: str | None,
+                checkpoint: str, trust_checkpoint: bool) -> NnUNetModel:
     cfg = resolve_configuration(plans, configuration)
     labels = _labels(dataset)
     channels = dataset.get("channel_names") or dataset.get("modality") or {"0": "CT"}

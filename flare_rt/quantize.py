@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .agreement import MIN_VOXELS, label_agreement
+from .atomic import check_writable
 from .backends.base import Backend, BackendOptions
 from .bundle import VARIANT_FORMAT_VERSION, Bundle, write_bundle
 from .devices import cpu_name
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("nncf", "ort")  # int8: NNCF post-training quantisation, or ONNX Runtime quantize_static (QDQ)
 REFERENCE_BACKEND = "onnxruntime"  # the fp32 output the variant is compared with
+BACKENDS = ("openvino", "onnxruntime")  # where a variant can run on a CPU
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class QuantizeOptions:
             raise ConfigError(f"--method must be one of {METHODS}, got {self.method!r}")
         if self.max_patches < 1:
             raise ConfigError(f"--max-patches must be >= 1, got {self.max_patches}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {BACKENDS} (where the variant runs), got {self.backend!r}")
         if self.precision == "bf16" and self.backend != "openvino":
             raise ConfigError(f"bf16 arithmetic on a CPU is OpenVINO's; --backend {self.backend} cannot compute it")
 
@@ -65,19 +69,16 @@ class QuantizeOptions:
 def find_cts(folder: str | Path) -> list[Path]:
     """The CTs in ``folder``: image files at its top level and DICOM series (the folder itself or its
     sub-folders). Raises :class:`InputImageError` naming the folder when there are none."""
-    import SimpleITK as sitk
-
-    from .io import image_suffix
+    from .io import dicom_series_ids, image_suffix
 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputImageError(f"--calibration {folder}: not a folder; pass a folder of CTs (images or DICOM series)")
-    reader = sitk.ImageSeriesReader()
-    found = [folder] if reader.GetGDCMSeriesIDs(str(folder)) else []
+    found = [folder] if dicom_series_ids(folder) else []
     for p in sorted(folder.iterdir()):
         if p.is_file() and image_suffix(p):
             found.append(p)
-        elif p.is_dir() and reader.GetGDCMSeriesIDs(str(p)):
+        elif p.is_dir() and dicom_series_ids(p):
             found.append(p)
     if not found:
         raise InputImageError(f"--calibration {folder}: no CT images (.nii.gz, .nii, .mha, .nrrd) or DICOM series "
@@ -109,7 +110,7 @@ def calibration_tiles(bundle: Bundle, cts: list[Path], max_patches: int, mode: s
     seg = Segmenter(bundle, rec, SegmentOptions(mode=mode))
     for ct in cts:
         try:
-            vol = load_volume(ct)
+            vol = load_volume(ct, force=None)
         except InputImageError as exc:
             raise InputImageError(f"--calibration {ct.parent if ct.is_file() else ct}: {exc}") from exc
         n0 = len(rec.tiles)
@@ -194,9 +195,13 @@ def _segment(bundle: Bundle, backend: str, threads, mode: str, ct: Path):
     from .io import load_volume
     from .pipeline import SegmentOptions, Segmenter
 
+    try:
+        vol = load_volume(ct, force=None)
+    except InputImageError as exc:
+        raise InputImageError(f"--check {exc}") from exc
     net = create_backend(bundle, backend, "cpu", threads)
     try:
-        return Segmenter(bundle, net, SegmentOptions(mode=mode, network_labels=True)).predict(load_volume(ct))
+        return Segmenter(bundle, net, SegmentOptions(mode=mode, network_labels=True)).predict(vol)
     finally:
         net.close()
 
@@ -233,6 +238,7 @@ def quantize(bundle_path: str | Path, out: str | Path, options: QuantizeOptions,
     for c in checks:
         if not c.exists():
             raise InputImageError(f"--check {c}: no such file or folder")
+    check_writable(Path(out).parent)
     model = to_fp32(reference.load_onnx())
     calib: tuple[FileHash, ...] = ()
     settings: dict = {}
@@ -296,7 +302,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--calibration", metavar="DIR", help="int8: folder of CTs (images or DICOM series) to calibrate on")
     q.add_argument("--check", action="append", metavar="CT",
                    help="CT to measure the agreement on (repeatable; the benchmark CTs for the shipped recipe)")
-    q.add_argument("--backend", default="openvino", help="backend that runs the variant (openvino or onnxruntime)")
+    q.add_argument("--backend", choices=BACKENDS, default="openvino", help="backend that runs the variant")
     q.add_argument("--method", choices=METHODS, default="ort", help="int8 quantiser (default ort)")
     q.add_argument("--max-patches", type=int, default=64, help="calibration tiles used at most (default 64)")
     q.add_argument("--quantize-last", action="store_true", help="int8: quantise the output convolution too")

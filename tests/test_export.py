@@ -206,3 +206,72 @@ def test_bundle_without_metadata_is_rejected(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all" * 10)
     with pytest.raises(ModelError, match="not a readable ONNX file"):
         Bundle.load(tmp_path / "junk.onnx")
+
+
+def _broken_model(demo_nnunet_dir, tmp_path, name="model"):
+    model_dir = tmp_path / name
+    shutil.copytree(demo_nnunet_dir, model_dir)
+    return model_dir
+
+
+@pytest.mark.parametrize("plans, words", [
+    ([1, 2], "plans.json: expected a JSON object, found a list"),
+    ("no-foreground", "missing key 'foreground_intensity_properties_per_channel'"),
+])
+def test_malformed_plans_are_a_model_error(demo_nnunet_dir, tmp_path, capsys, plans, words):
+    model_dir = _broken_model(demo_nnunet_dir, tmp_path)
+    if plans == "no-foreground":
+        plans = json.loads((model_dir / "plans.json").read_text())
+        del plans["foreground_intensity_properties_per_channel"]
+    (model_dir / "plans.json").write_text(json.dumps(plans))
+    rc = main(["import-nnunet", str(model_dir), str(tmp_path / "b.onnx"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == ModelError.exit_code and len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint, just text\n", "truncated"])
+@pytest.mark.parametrize("trust", [False, True])
+def test_damaged_checkpoint_is_a_model_error(demo_nnunet_dir, tmp_path, content, trust):
+    model_dir = _broken_model(demo_nnunet_dir, tmp_path)
+    ckpt = model_dir / "fold_0" / "checkpoint_final.pth"
+    ckpt.write_bytes(ckpt.read_bytes()[: 1 << 20] if content == "truncated" else content)
+    expected = "the checkpoint is empty" if content == b"" else "not a readable PyTorch checkpoint"
+    with pytest.raises(ModelError, match=expected) as info:
+        read_nnunet_model(model_dir, trust_checkpoint=trust)
+    assert "--trust-checkpoint" not in str(info.value)  # trusting a damaged file does not help
+
+
+def test_missing_checkpoint_name_lists_those_present(demo_nnunet_dir, tmp_path):
+    with pytest.raises(ModelError, match=r"no fold_\*/checkpoint_best.pth found; checkpoints present: "
+                                         r"\['fold_0/checkpoint_final.pth'\]"):
+        read_nnunet_model(demo_nnunet_dir, checkpoint="checkpoint_best.pth")
+
+
+def test_output_that_cannot_be_written_is_refused_before_the_import(demo_nnunet_dir, fp32_bundle, tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setattr("flare_rt.nnunet.read_nnunet_model", lambda *a, **k: pytest.fail("imported first"))
+    monkeypatch.setattr("flare_rt.nets.network_from_bundle", lambda *a, **k: pytest.fail("exported first"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    for argv in (["import-nnunet", str(demo_nnunet_dir)], ["export", str(fp32_bundle)]):
+        rc = main([*argv, str(blocker / "out.onnx"), "-q"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 8 and len(err) == 1 and f"{blocker}: cannot write" in err[0] and "not a folder" in err[0], err
+
+
+def test_bundle_with_malformed_or_empty_metadata_is_a_model_error(tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    model.metadata_props.add(key="flare_rt", value="[1, 2]")
+    onnx.save(model, str(tmp_path / "list.onnx"))
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for name, words in (("list.onnx", "malformed flare-rt metadata"), ("empty.onnx", "is empty (0 bytes)")):
+        rc = main(["info", str(tmp_path / name)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == ModelError.exit_code and len(err) == 1 and words in err[0], err

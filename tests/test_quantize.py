@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from flare_rt.backends import create_backend
 from flare_rt.bundle import VARIANT_FORMAT_VERSION, Bundle
 from flare_rt.cli import main
-from flare_rt.errors import BackendUnavailableError, InputImageError, ModelError
+from flare_rt.errors import BackendUnavailableError, ConfigError, InputImageError, ModelError, OutputError
 from flare_rt.precision import sha256_path
 from flare_rt.quantize import QuantizeOptions, calibration_tiles, find_cts, quantize
 
@@ -137,6 +137,44 @@ def test_non_ct_calibration_folder_is_named(fp32_bundle, tmp_path, capsys, small
     line = one_line_error(capsys, rc, InputImageError.exit_code, f"--calibration {mr}", "t1.nii.gz",
                           "do not look like CT")
     assert line.startswith("flare-rt: error: ")
+
+
+def test_non_ct_check_is_named_without_offering_force(fp32_bundle, tmp_path, capsys, shared_data):
+    """quantize has no --force: a --check image that is not CT is refused as a --check, without the hint."""
+    labels = shared_data / "ts_example_ct_sm_seg_flare.nii.gz"
+    rc = main(["quantize", str(fp32_bundle), str(tmp_path / "q.onnx"), "--precision", "bf16", "--check",
+               str(labels), "-q"])
+    line = one_line_error(capsys, rc, InputImageError.exit_code, f"--check {labels}: intensities do not look like CT")
+    assert "--force" not in line
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_unknown_backend_is_refused(fp32_bundle, tmp_path, capsys, small_ct_path):
+    with pytest.raises(ConfigError, match="--backend must be one of .*'openvino', 'onnxruntime'.*got 'bogus'"):
+        QuantizeOptions("int8", backend="bogus")
+    with pytest.raises(SystemExit):  # argparse: the choices
+        main(["quantize", str(fp32_bundle), str(tmp_path / "q.onnx"), "--precision", "int8", "--backend", "bogus"])
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_output_that_cannot_be_written_is_refused_before_calibrating(fp32_bundle, tmp_path, capsys, shared_data,
+                                                                      small_ct_path, monkeypatch):
+    monkeypatch.setattr("flare_rt.quantize.calibration_tiles", lambda *a, **k: pytest.fail("calibrated first"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    rc = main(["quantize", str(fp32_bundle), str(blocker / "q.onnx"), "--precision", "int8", "--calibration",
+               str(shared_data / "ts_dicom"), "--check", str(small_ct_path), "-q"])
+    one_line_error(capsys, rc, OutputError.exit_code, f"{blocker}: cannot write", "is not a folder")
+
+
+def test_calibration_folder_listing_prints_no_library_warnings(tmp_path, capfd):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("")
+    capfd.readouterr()
+    with pytest.raises(InputImageError, match="no CT images"):
+        find_cts(empty)
+    assert capfd.readouterr().err == ""
 
 
 def test_calibration_must_not_hold_a_check_case(fp32_bundle, tmp_path, capsys, small_ct_path):

@@ -9,7 +9,8 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from flare_rt.errors import ConfigError
+from flare_rt.atomic import atomic_path, check_writable
+from flare_rt.errors import ConfigError, OutputError
 from flare_rt.evaluate.metrics import CaseResult, ClassSummary, EvaluationOptions, Summary
 from flare_rt.labels import NAMES, NSD_TOLERANCE_MM, ORGAN_IDS, ZRANGE_CUT_IDS
 
@@ -26,7 +27,7 @@ def fmt(value: float) -> str:
 
 def write_csv(results: Iterable[CaseResult], path: Path) -> Path:
     """One row per case and class: case, class id, class name, DSC, NSD."""
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_HEADER)
         for result in results:
@@ -111,7 +112,8 @@ def write_box_plots(results: Sequence[CaseResult], folder: Path) -> list[Path]:
         axes.grid(axis="y", alpha=0.3)
         figure.tight_layout()
         path = folder / f"boxplot_{class_id:02d}_{NAMES[class_id]}.png"
-        figure.savefig(path)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp)
         paths.append(path)
     return paths
 
@@ -123,11 +125,17 @@ def write_report(
     out: Path,
     plots: bool = True,
 ) -> dict[str, Path]:
-    """Write ``scores.csv``, ``summary.md`` and (``plots``) ``plots/boxplot_<id>_<name>.png``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``scores.csv``, ``summary.md`` and (``plots``) ``plots/boxplot_<id>_<name>.png``, each atomically;
+    a folder or file in the way of any of them is refused before the first is written."""
+    check_writable(out)
+    for path, kind in ((out / CSV_NAME, "a file"), (out / MARKDOWN_NAME, "a file"), (out / PLOT_DIR, "a folder")):
+        if path.exists() and path.is_dir() != (kind == "a folder"):
+            raise OutputError(f"{path}: cannot write, {'a file' if kind == 'a folder' else 'a folder'} is in the "
+                              f"way of {kind}; remove it or choose another --out")
     written = {"csv": write_csv(results, out / CSV_NAME)}
     markdown = out / MARKDOWN_NAME
-    markdown.write_text(render_markdown(summary, options))
+    with atomic_path(markdown) as tmp:
+        tmp.write_text(render_markdown(summary, options))
     written["markdown"] = markdown
     if plots:
         written["plots"] = out / PLOT_DIR

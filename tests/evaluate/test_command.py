@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from flare_rt.cli import run_command
-from flare_rt.errors import ConfigError, InputImageError
+from flare_rt.errors import ConfigError, InputImageError, OutputError
 from flare_rt.evaluate.command import main, register
 from flare_rt.evaluate.report import CSV_HEADER
 
@@ -191,3 +191,32 @@ def test_module_main_without_out_prints_summary(tmp_path, capsys):
     assert main([str(tmp_path / "pred.nii.gz"), str(tmp_path / "gt.nii.gz")]) == 0
     assert "| organs (13) | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 |" in capsys.readouterr().out
     assert not (tmp_path / "scores.csv").exists()
+
+
+@pytest.fixture
+def one_case(tmp_path) -> tuple[Path, Path]:
+    return (write(tmp_path / "pred" / "c.nii.gz", labels()).parent,
+            write(tmp_path / "gt" / "c.nii.gz", labels()).parent)
+
+
+def test_out_that_cannot_be_written_is_refused_before_scoring(tmp_path, capsys, monkeypatch, one_case):
+    def score(*args, **kwargs):
+        raise AssertionError("scored before --out was checked")
+
+    monkeypatch.setattr("flare_rt.evaluate.command.evaluate_folders", score)
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    for out in (blocker, blocker / "out"):
+        assert run(str(one_case[0]), str(one_case[1]), "--out", str(out)) == OutputError.exit_code
+        errors = error_lines(capsys)
+        assert len(errors) == 1 and errors[0].startswith(f"flare-rt: error: {out}: cannot write"), errors
+
+
+@pytest.mark.parametrize("in_the_way", ["scores.csv", "summary.md"])
+def test_a_folder_in_the_way_leaves_the_other_outputs_unwritten(tmp_path, capsys, one_case, in_the_way):
+    out = tmp_path / "out"
+    (out / in_the_way).mkdir(parents=True)
+    assert run(str(one_case[0]), str(one_case[1]), "--out", str(out), "--workers", "1") == OutputError.exit_code
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and f"{out / in_the_way}: cannot write, a folder is in the way" in errors[0], errors
+    assert sorted(p.name for p in out.iterdir()) == [in_the_way]
