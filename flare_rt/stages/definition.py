@@ -228,6 +228,8 @@ def _pseudo(d: Any, where: str) -> PseudoLabelStep:
     threshold = d.get("confidence_threshold")
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise ConfigError(f"{where}.confidence_threshold must be in (0, 1] (a probability), got {threshold!r}")
+    if d.get("tta") is not None and not isinstance(d["tta"], bool):
+        raise ConfigError(f"{where}.tta must be true, false or null (the bundle's default), got {d['tta']!r}")
     mode = d.get("mode", "fast")
     if mode not in ("fast", "faithful"):
         raise ConfigError(f"{where}.mode must be fast or faithful, got {mode!r}")
@@ -245,6 +247,10 @@ def _budget(d: Any, where: str) -> Budget | None:
         b = Budget(**d)
     except TypeError as exc:
         raise ConfigError(f"{where} needs epochs and iterations_per_epoch ({exc})") from exc
+    for key in ("epochs", "iterations_per_epoch", "batch_size"):
+        value = getattr(b, key)
+        if not (isinstance(value, int) and not isinstance(value, bool)) and not (key == "batch_size" and value is None):
+            raise ConfigError(f"{where}.{key} must be an integer, got {json.dumps(value)}")
     if b.epochs < 1 or b.iterations_per_epoch < 1 or (b.batch_size is not None and b.batch_size < 1):
         raise ConfigError(f"{where}: epochs, iterations_per_epoch and batch_size must be >= 1, got {d}")
     return b
@@ -257,6 +263,8 @@ def _stage(d: Any, i: int) -> StageDef:
     where = f"stage {d['name']!r}"
     if "train" not in d:
         raise ConfigError(f"{where} needs 'train': the case sets it trains on")
+    if not isinstance(d.get("optional", False), bool):
+        raise ConfigError(f"{where}.optional must be true or false, got {d['optional']!r}")
     steps = d.get("pseudo_label") or []
     if not isinstance(steps, list):
         raise ConfigError(f"{where}.pseudo_label must be a list of steps")

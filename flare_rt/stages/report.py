@@ -9,23 +9,61 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_path
+from ..errors import ConfigError
 from ..labels import NAMES
 
 
 def _load(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; {} when it is missing, unreadable or not an object (e.g. a state not
+    written yet: the stage is pending)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
         return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _bad_definition(path: Path, problem: str) -> ConfigError:
+    return ConfigError(f"{path}: {problem}; this file is written by 'flare-rt pipeline run' (a JSON object with a "
+                       "'name' and a list of 'stages', each with a 'name'): rerun the pipeline into this work folder "
+                       "or point --work at another one")
+
+
+def load_run_definition(work: Path) -> dict[str, Any]:
+    """The definition a run saved in ``work`` ({} when there is none), checked for what the report and the
+    status read; :class:`ConfigError` naming the file and the problem otherwise."""
+    path = Path(work) / "definition.json"
+    if not path.exists():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except OSError as exc:
+        raise _bad_definition(path, f"cannot be read ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise _bad_definition(path, f"not valid JSON ({exc})") from exc
+    if not isinstance(d, dict):
+        raise _bad_definition(path, f"a JSON {type(d).__name__}, not an object")
+    if not isinstance(d.get("name"), str):
+        raise _bad_definition(path, "no 'name' (a string)")
+    if not isinstance(d.get("stages"), list):
+        raise _bad_definition(path, "no 'stages' list")
+    for i, stage in enumerate(d["stages"]):
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage["name"]:
+            raise _bad_definition(path, f"stages[{i}] is {json.dumps(stage)[:80]}, not an object with a 'name'")
+    for key, kind in (("case_sets", dict), ("description", str)):
+        if key in d and not isinstance(d[key], kind):
+            raise _bad_definition(path, f"'{key}' is not a JSON {'object' if kind is dict else 'string'}")
+    return d
 
 
 def collect(work: Path) -> tuple[dict, dict, list[dict]]:
     """(run summary, definition, stage states in definition order)."""
     work = Path(work)
-    run, definition = _load(work / "run.json"), _load(work / "definition.json")
+    run, definition = _load(work / "run.json"), load_run_definition(work)
     states = []
     for s in definition.get("stages", []):
-        state = _load(work / "stages" / s["name"] / "state.json") or {"stage": s["name"], "status": "pending"}
+        state = _load(work / "stages" / s["name"] / "state.json") or {"status": "pending"}
+        state["stage"] = s["name"]
         state.setdefault("description", s.get("description", ""))
         states.append(state)
     return run, definition, states

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_writable
 from ..errors import ConfigError, InputImageError
 from ..labels import IGNORE_ID
 from .definition import ALL_CLASSES, PipelineDefinition, StageDef
@@ -59,6 +59,19 @@ class RunOptions:
     train_workers: int | None = None  # background data-loading processes of training
     keep_caches: bool = False  # keep each stage's preprocessing cache after it finishes
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse bad options here, before any stage runs (not when the first pseudo-labelling starts)."""
+        from ..backends import DEVICES, REGISTRY
+
+        if self.backend != "auto" and self.backend not in REGISTRY:
+            raise ConfigError(f"--backend must be auto or one of {sorted(REGISTRY)}, got {self.backend!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        for flag, value, low in (("--threads", self.threads, 1), ("--train-threads", self.train_threads, 1),
+                                 ("--train-workers", self.train_workers, 0), ("--workers", self.fan.workers, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
 
     def train_overrides(self) -> dict[str, Any]:
         out: dict[str, Any] = {"runtime.progress": self.progress}
@@ -126,9 +139,10 @@ def resampled_label(label: Path, image: Path, out: Path, hashes: FileHashes) -> 
 
 
 def dataset_index(definition: PipelineDefinition, dataset: Path, work: Path, hashes: FileHashes,
-                  hold_out: tuple[str, ...] = (), progress: bool = True):
+                  hold_out: tuple[str, ...] = (), progress: bool = True,
+                  check: Callable[[Any], None] | None = None):
     """The dataset index with the dataset's own annotations (cached in ``work/inputs``), held-out cases
-    removed."""
+    removed. ``check`` (e.g. that the stages have cases) sees it before a newly built index is cached."""
     from ..train.dataset import (CaseSource, DatasetIndex, discover, index_cases, read_annotations,
                                  save_index)
 
@@ -154,17 +168,42 @@ def dataset_index(definition: PipelineDefinition, dataset: Path, work: Path, has
     key = digest({"spec": [(s.id, s.image, hashes(s.image), s.label, hashes(s.label)) for s in sources],
                   "declared": {k: list(v) for k, v in declared.items()}, "layout": layout})
     path, stamp = inputs / "index.json", inputs / "index.key"
-    if path.is_file() and stamp.is_file() and stamp.read_text() == key:
+    cached = path.is_file() and stamp.is_file() and stamp.read_text() == key
+    if cached:
         index = DatasetIndex.from_json(path.read_text(), str(path))
     else:
         index = index_cases(sources, layout, str(Path(dataset).resolve()), declared, progress=progress)
-        save_index(index, path)
-        stamp.write_text(key)
     unknown = sorted(set(hold_out) - {c.id for c in index.cases})
     if unknown:
         raise ConfigError(f"--hold-out names cases that are not in the dataset: {unknown}; cases: "
                           f"{[c.id for c in index.cases][:10]}")
-    return replace(index, cases=tuple(c for c in index.cases if c.id not in hold_out))
+    kept = replace(index, cases=tuple(c for c in index.cases if c.id not in hold_out))
+    if check is not None:
+        check(kept)
+    if not cached:
+        save_index(index, path)
+        with atomic_path(stamp) as tmp:
+            tmp.write_text(key)
+    return kept
+
+
+def check_stages_have_cases(definition: PipelineDefinition, index, sets: dict[str, tuple[str, ...]]) -> None:
+    """:class:`ConfigError` for what would stop a run at a required stage whatever the earlier stages produce:
+    an empty case set, or training cases without a label that no pseudo-label step (of it or before it)
+    covers. Checked before the run writes anything, so a dataset that cannot work fails at once."""
+    may_be_labelled = {c.id for c in index.cases if c.labelled}
+    for stage in definition.stages:
+        for step in stage.pseudo_label:
+            may_be_labelled.update(stage_cases(sets, step.cases))
+        if stage.optional:
+            continue
+        reason = empty_sets_reason(definition, stage, sets, len(index.cases))
+        if reason:
+            raise ConfigError(f"{reason}; fix the definition or the dataset (or mark the stage optional)")
+        unlabelled = [i for i in stage_cases(sets, stage.train) if i not in may_be_labelled]
+        if unlabelled:
+            raise ConfigError(f"stage {stage.name!r} trains on unlabelled cases {unlabelled[:5]} that no pseudo-label "
+                              "step labels; add one (e.g. {\"model\": <earlier stage>, \"cases\": [...]})")
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -176,11 +215,27 @@ class PipelineRun:
         self.definition, self.options = definition, options
         self.dataset, self.work = Path(dataset).resolve(), Path(work).resolve()
         self.epoch_hook = epoch_hook
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.hashes = FileHashes(self.work / "hashes.json")
-        self.index = dataset_index(definition, self.dataset, self.work, self.hashes, options.hold_out,
-                                   options.progress)
-        self.sets = select_case_sets(definition, self.index)
+        # What can refuse the run does so before anything is written: the work folder, each stage's training
+        # config with this run's overrides, the dataset and the stages' case sets on it.
+        check_writable(self.work)
+        for s in definition.stages:
+            stage_config(definition, s, self.work / "index.json", self.work / "train", None, options.train_overrides())
+        sets: dict[str, tuple[str, ...]] = {}
+
+        def check(index) -> None:
+            sets.update(select_case_sets(definition, index))
+            check_stages_have_cases(definition, index, sets)
+
+        made = _first_missing(self.work / "inputs")
+        try:
+            self.hashes = FileHashes(self.work / "hashes.json")
+            self.index = dataset_index(definition, self.dataset, self.work, self.hashes, options.hold_out,
+                                       options.progress, check)
+        except BaseException:
+            if made is not None:  # e.g. labels resampled before the dataset was refused: leave no trace
+                shutil.rmtree(made, ignore_errors=True)
+            raise
+        self.sets = sets
         self.labels = {c.id: CaseLabel(c.label, self.hashes(c.label), c.annotated, "dataset")
                        for c in self.index.cases}
         self.images = {c.id: self.hashes(c.image) for c in self.index.cases}
@@ -230,6 +285,16 @@ class PipelineRun:
         log.info("pipeline %s finished: the %s model is %s (sha256 %s)", self.definition.name, final.stage,
                  self.work / "model.onnx", final.sha256[:12])
         return summary
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (None: ``path`` exists)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
 
 
 def run_pipeline(definition: PipelineDefinition, dataset: str | Path, work: str | Path,

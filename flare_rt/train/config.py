@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..atomic import atomic_path
 from ..errors import ConfigError
 from ..nets.config import UNetConfig, big_unet_config, small_unet_config
 
@@ -307,29 +310,112 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _build(cls: type, d: dict[str, Any], where: str):
+# -- type checks driven by the dataclasses' field types -------------------------------------------------
+def _kind(tp: Any) -> tuple[str, str]:
+    """(singular, plural) description of a field type, in JSON terms: ``int`` → ("an integer", "integers")."""
+    if tp is type(None):
+        return "null", "nulls"
+    if tp is bool:
+        return "true or false", "true/false values"
+    if tp is int:
+        return "an integer", "integers"
+    if tp is float:
+        return "a finite number", "finite numbers"
+    if tp is str:
+        return "a string", "strings"
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_kind(a)[0] for a in args), " or ".join(_kind(a)[1] for a in args)
+    if typing.get_origin(tp) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            one = f"a list of {_kind(args[0])[1]}"
+        elif len(set(args)) == 1:
+            one = f"a list of {len(args)} {_kind(args[0])[1]}"
+        else:
+            one = f"a list [{', '.join(_kind(a)[0] for a in args)}]"
+        return one, "lists" + one[len("a list"):]
+    return getattr(tp, "__name__", str(tp)), getattr(tp, "__name__", str(tp))
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value (lists already made tuples) has the field type ``tp``: ints are no bools, a
+    number is any finite int or float, a tuple has the right length and element types."""
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return any(_fits(value, a) for a in args)
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _shown(value: Any) -> str:
+    try:
+        return json.dumps(_lists(value), allow_nan=True)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
+def check_type(key: str, value: Any, tp: Any) -> None:
+    """:class:`ConfigError` naming ``key``, the value and the expected type unless ``value`` fits ``tp``."""
+    if not _fits(value, tp):
+        raise ConfigError(f"{key} must be {_kind(tp)[0]}, got {_shown(value)}; fix it in the config JSON or with "
+                          f"--set {key}=VALUE (a JSON value: strings in double quotes)")
+
+
+def _build(cls: type, d: dict[str, Any], where: str, section: str):
+    """``cls`` from the JSON object ``d`` of config section ``section`` (``where`` names it in messages);
+    every value is checked against the field's type before the dataclass checks its range."""
     if not isinstance(d, dict):
-        raise ConfigError(f"{where} must be a JSON object, got {type(d).__name__}")
+        raise ConfigError(f"{where} must be a JSON object, got {_shown(d)}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; valid keys are {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _tuples(v) for k, v in d.items()}
+    for k, v in values.items():
+        check_type(f"{section}.{k}", v, hints[k])
     try:
-        return cls(**{k: _tuples(v) for k, v in d.items()})
+        return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
 def model_from_dict(d: dict[str, Any]) -> ModelConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"model must be a JSON object such as {{\"preset\": \"tiny\"}}, got {_shown(d)}; presets: "
+                          f"{sorted(MODEL_PRESETS)}")
     d = dict(d)
     preset = d.pop("preset", "custom")
-    if preset not in MODEL_PRESETS:
-        raise ConfigError(f"model.preset must be one of {sorted(MODEL_PRESETS)}, got {preset!r}")
-    return _build(MODEL_PRESETS[preset], d, f"model ({preset})")
+    if not isinstance(preset, str) or preset not in MODEL_PRESETS:
+        raise ConfigError(f"model.preset must be one of {sorted(MODEL_PRESETS)}, got {_shown(preset)}")
+    return _build(MODEL_PRESETS[preset], d, f"model ({preset})", "model")
 
 
 def config_from_dict(d: dict[str, Any], base_dir: str | Path | None = None) -> TrainConfig:
     """Build a :class:`TrainConfig`; relative data paths and ``output`` are resolved against ``base_dir``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a training config must be a JSON object (see flare_rt/train/configs/), got {_shown(d)}")
     d = dict(d)
     required = [k for k in ("name", "model", "data", "output") if d.get(k) is None]
     if required:
@@ -339,19 +425,22 @@ def config_from_dict(d: dict[str, Any], base_dir: str | Path | None = None) -> T
     if unknown:
         raise ConfigError(f"training config: unknown keys {unknown}")
 
+    check_type("output", d["output"], str)
+    check_type("init_weights", d.get("init_weights"), str | None)
+
     def resolve(p):
         if p is None or base_dir is None or Path(p).is_absolute():
             return p
         return str((Path(base_dir) / p).resolve())
 
     for section, keys in _PATH_KEYS.items():
-        if section in d:
-            d[section] = {k: resolve(v) if k in keys else v for k, v in d[section].items()}
+        if isinstance(d.get(section), dict):  # anything else is refused by _build
+            d[section] = {k: resolve(v) if k in keys and isinstance(v, str) else v for k, v in d[section].items()}
     kw: dict[str, Any] = {"name": str(d["name"]), "output": resolve(d["output"]),
                           "model": model_from_dict(d["model"]), "init_weights": resolve(d.get("init_weights"))}
     for section, cls in _SECTIONS.items():
         if section in d:
-            kw[section] = _build(cls, d[section], section)
+            kw[section] = _build(cls, d[section], section, section)
     return TrainConfig(**kw)
 
 
@@ -370,6 +459,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``["schedule.epochs=10", "data.val_cases=[\\"a\\"]"]`` applied to a config dict (values parsed as
     JSON, else taken as strings)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a training config must be a JSON object (see flare_rt/train/configs/), got {_shown(d)}")
     d = json.loads(json.dumps(d))
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -391,8 +482,8 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json() + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(config.to_json() + "\n")
     return path
 
 

@@ -360,7 +360,8 @@ def split_cases(index: DatasetIndex, train_cases: Sequence[str] = (), val_cases:
     ``val_fraction`` is held out (at least one case when there are two or more)."""
     labelled = [c.id for c in index.labelled()]
     if not labelled:
-        raise ConfigError(f"the dataset index ({index.source}) has no labelled case to train on")
+        raise ConfigError(f"the dataset index ({index.source}) has no labelled case to train on; add label maps "
+                          "(labelsTr/<case>.nii.gz beside imagesTr/<case>_0000.nii.gz, or set data.labels)")
     for name, ids in (("train_cases", train_cases), ("val_cases", val_cases)):
         for i in ids:
             if not index.case(i).labelled:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import check_writable
 from ..errors import ConfigError, ExportVerificationError, FlareError
 from ..labels import NAMES, NUM_CLASSES
 from . import ddp
@@ -168,9 +169,9 @@ def _prepare_data(config: TrainConfig, ctx: ddp.DistContext, progress: bool) -> 
     return prepared if prepared is not None else prepare(config, progress=False)
 
 
-def _start(config: TrainConfig, ctx: ddp.DistContext, out: Path, resume: bool, amp: bool) -> _Run:
-    """A He-initialised network (or ``init_weights``) with its optimiser, restored from the last checkpoint
-    when resuming."""
+def _start(config: TrainConfig, ctx: ddp.DistContext, ckpt: dict | None, amp: bool) -> _Run:
+    """A He-initialised network (or ``init_weights``) with its optimiser, restored from the checkpoint
+    ``ckpt`` when resuming."""
     o = config.optim
     net = init_network(config.model, NUM_CLASSES, config.loss.deep_supervision, seed=config.runtime.seed,
                         negative_slope=o.he_negative_slope)
@@ -181,7 +182,6 @@ def _start(config: TrainConfig, ctx: ddp.DistContext, out: Path, resume: bool, a
                                 weight_decay=o.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp)
     history, start_epoch = [], 0
-    ckpt = _resume_state(config, out, resume)
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -246,15 +246,18 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
         torch.set_num_threads(rt.threads)
     out = Path(config.output)
     show = rt.progress and ctx.is_main
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.json")
+    # Everything that can refuse the run does so before anything is written: an output folder that cannot
+    # be written, a run there that would be overwritten or resumed with another config, a bad dataset.
+    check_writable(out)  # on every rank, so that all of them stop (none waits at a barrier for rank 0)
+    ckpt = _resume_state(config, out, resume)
     prepared = prepared or _prepare_data(config, ctx, show)
+    if ctx.is_main:
+        save_config(config, out / "config.json")
     amp = rt.amp and ctx.device.type == "cuda"
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     batch = ddp.per_process_batch(sched.batch_size, ctx)
-    run = _start(config, ctx, out, resume, amp)
+    run = _start(config, ctx, ckpt, amp)
 
     its = sched.iterations_per_epoch
     loader = iter(make_loader(training_batches(config, prepared, batch, ctx.rank), run.start_epoch * its,

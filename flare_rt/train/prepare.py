@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import check_writable
 from ..laterality import common_lr_axis, lr_axis
 from .cache import CacheSpec, build_cache, unpack
 from .config import TrainConfig
@@ -51,25 +52,50 @@ def cache_path(config: TrainConfig) -> Path:
     return index_path(config).parent / f"cache_{tag}"
 
 
-def obtain_index(config: TrainConfig, progress: bool = True) -> DatasetIndex:
-    """The index at data.index (or in the output folder) if it exists, else built from data.dataset."""
+def check_outputs(config: TrainConfig) -> None:
+    """:class:`~flare_rt.errors.OutputError` unless the folders ``prepare`` writes to (the index's, where it
+    is still to be built, and the cache) can be written; nothing is created."""
+    path, cache = index_path(config), cache_path(config)
+    if not path.is_file():
+        check_writable(path.parent)
+    if not (cache / "fingerprint.json").is_file():
+        check_writable(cache)
+
+
+def _index(config: TrainConfig, progress: bool = True) -> tuple[DatasetIndex, bool]:
+    """(the index at data.index, or in the output folder, if it exists, else one built from data.dataset;
+    whether it was built, i.e. is still to be saved)."""
     path, d = index_path(config), config.data
     if path.is_file():
-        index = load_index(path)
-    else:
-        if d.dataset is None:
-            return load_index(path)  # raises with a fix
-        index = build_index(d.dataset, read_annotations(d.annotations), d.preprocess_workers, d.images, d.labels,
-                            d.unlabelled, progress)
-        save_index(index, path)
-        log.info("dataset index written to %s", path)
+        return load_index(path), False
+    if d.dataset is None:
+        return load_index(path), False  # raises with a fix
+    return build_index(d.dataset, read_annotations(d.annotations), d.preprocess_workers, d.images, d.labels,
+                       d.unlabelled, progress), True
+
+
+def _save(index: DatasetIndex, path: Path) -> None:
+    save_index(index, path)
+    log.info("dataset index written to %s", path)
+
+
+def obtain_index(config: TrainConfig, progress: bool = True) -> DatasetIndex:
+    """The index at data.index (or in the output folder) if it exists, else built from data.dataset."""
+    index, built = _index(config, progress)
+    if built:
+        _save(index, index_path(config))
     return index
 
 
 def prepare(config: TrainConfig, progress: bool = True) -> Prepared:
-    index = obtain_index(config, progress)
+    """Index, split, fingerprint and cache. The dataset is checked (a usable index, labelled cases for the
+    split) before anything is written, so a refused dataset leaves no files behind."""
+    check_outputs(config)
+    index, built = _index(config, progress)
     d = config.data
     train_ids, val_ids = split_cases(index, d.train_cases, d.val_cases, d.val_fraction, config.runtime.seed)
+    if built:
+        _save(index, index_path(config))
     cache = cache_path(config)
     train_entries = [index.case(i) for i in train_ids]
     fp = load_or_compute_fingerprint(cache / "fingerprint.json", train_entries, d.preprocess_workers, progress)

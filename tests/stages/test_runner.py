@@ -154,16 +154,22 @@ def test_an_empty_stage_stops_with_its_name_and_selector(dataset, tmp_path, capf
     d = definition(tmp_path)
     d["stages"][2]["optional"] = False
     defn = definition_from_dict(d, tmp_path)
-    run = runner.PipelineRun(defn, dataset, tmp_path / "w", RunOptions(progress=False))
+    # refused when the run is set up, before any stage runs or anything is written
     with pytest.raises(ConfigError, match=r"stage 's3': its training set is empty: case set\(s\) tumour "
                                           r"\{\"annotates_exactly\": \[1, 2, 3, 4, 13, 14\]\} select none of the 4 cases"
                                           r".*mark the stage optional"):
-        runner.run_stage(run, defn.stage("s3"))
+        runner.PipelineRun(defn, dataset, tmp_path / "w", RunOptions(progress=False))
+    assert not (tmp_path / "w").exists()
     # holding out the partially labelled case empties s2's pseudo-label step
-    held = runner.PipelineRun(defn, dataset, tmp_path / "w", RunOptions(progress=False, hold_out=("case_02",)))
-    assert held.sets["partial"] == () and held.sets["full"] == ("case_00", "case_01")
     with pytest.raises(ConfigError, match=r"stage 's2': its pseudo-label step 1 \(s1\) is empty: case set\(s\) partial"):
-        runner.run_stage(held, defn.stage("s2"))
+        runner.PipelineRun(defn, dataset, tmp_path / "w", RunOptions(progress=False, hold_out=("case_02",)))
+    # ...which an optional s2 skips when it comes to it
+    d["stages"][1]["optional"] = d["stages"][2]["optional"] = True
+    lenient = definition_from_dict(d, tmp_path)
+    held = runner.PipelineRun(lenient, dataset, tmp_path / "w", RunOptions(progress=False, hold_out=("case_02",)))
+    assert held.sets["partial"] == () and held.sets["full"] == ("case_00", "case_01")
+    runner.run_stage(held, lenient.stage("s2"))
+    assert read_state(tmp_path / "w", "s2")["status"] == "skipped" and "s2" not in held.models
     # from the command line: one line, the config error's exit code, before anything is trained
     d["stages"][0]["train"] = ["tumour"]
     path = tmp_path / "bad.json"
@@ -171,4 +177,4 @@ def test_an_empty_stage_stops_with_its_name_and_selector(dataset, tmp_path, capf
     assert cli_main(["pipeline", "run", str(path), "--dataset", str(dataset), "--work", str(tmp_path / "w2"),
                      "-q"]) == ConfigError.exit_code
     err = capfd.readouterr().err
-    assert "stage 's1': its training set is empty" in err and not (tmp_path / "w2" / "stages" / "s1" / "train").exists()
+    assert "stage 's1': its training set is empty" in err and not (tmp_path / "w2").exists()
