@@ -260,6 +260,11 @@ def pair_cases(pred: Path, gt: Path) -> tuple[list[CasePair], list[str]]:
     gts, preds = _nifti_files(gt), _nifti_files(pred)
     if not gts:
         raise InputImageError(f"ground-truth folder {gt} holds no .nii.gz or .nii file")
+    if not set(gts) & set(preds):  # every case would score 0: a wrong folder or naming, not a result
+        found = f"its files: {', '.join(sorted(preds)[:3])}{', ...' if len(preds) > 3 else ''}" if preds \
+            else "it holds no .nii.gz or .nii file"
+        raise InputImageError(f"prediction folder {pred}: no prediction is named like a ground-truth case "
+                              f"(e.g. {next(iter(sorted(gts)))}.nii.gz); {found}")
     pairs = [CasePair(case, path, preds.get(case)) for case, path in gts.items()]
     return pairs, sorted(set(preds) - set(gts))
 

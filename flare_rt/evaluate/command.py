@@ -25,7 +25,7 @@ challenge script does (per-class NSD tolerances, GT z-range cut of aorta, IVC an
 NSD = 0 when DSC < 0.2, spacing from the GT header, values rounded to 4 decimals, organ mean over
 the 13 organ means, tumour apart). PRED and GT are two folders, cases matched by file name
 (case.nii.gz), or two files. A ground-truth case without a prediction is scored as an empty
-prediction. Writes scores.csv, summary.md and plots/ to --out; prints the summary.
+prediction; a prediction folder that matches no case at all is refused. Writes scores.csv, summary.md and plots/ to --out; prints the summary.
 """
 
 

@@ -220,3 +220,16 @@ def test_a_folder_in_the_way_leaves_the_other_outputs_unwritten(tmp_path, capsys
     errors = error_lines(capsys)
     assert len(errors) == 1 and f"{out / in_the_way}: cannot write, a folder is in the way" in errors[0], errors
     assert sorted(p.name for p in out.iterdir()) == [in_the_way]
+
+
+@pytest.mark.parametrize("preds", [[], ["other_case.nii.gz"]])
+def test_a_prediction_folder_matching_no_case_is_refused(tmp_path, capsys, preds):
+    """Every case would score 0 as an empty prediction: a wrong folder or naming, said as such."""
+    write(tmp_path / "gt" / "c.nii.gz", labels())
+    (tmp_path / "pred").mkdir()
+    for name in preds:
+        write(tmp_path / "pred" / name, labels())
+    assert run(str(tmp_path / "pred"), str(tmp_path / "gt"), "--no-plots") == InputImageError.exit_code
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and "no prediction is named like a ground-truth case (e.g. c.nii.gz)" in errors[0], errors
+    assert ("other_case" in errors[0]) == bool(preds)
