@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 #: TensorRT majors flare-rt builds with: 10.x (strong typing opt-in) and 11.x (strong typing only).
 SUPPORTED_MAJORS = (10, 11)
-INSTALL_HINT = "pip install 'flare-rt[tensorrt]' (NVIDIA's tensorrt-cu12 wheels), or use --backend torch|onnxruntime"
+INSTALL_HINT = ("pip install 'flare-rt[tensorrt]' (NVIDIA's tensorrt-cu12 wheels); to segment without it: "
+                "--backend torch or onnxruntime")
 
 
 def load_tensorrt():
