@@ -17,6 +17,12 @@ class InputImageError(FlareError):
     exit_code = 2
 
 
+def truncated_error(path, got: int, nbytes: int) -> InputImageError:
+    """An image file whose voxel data stop short of what its header promises."""
+    return InputImageError(f"{path}: cannot read image: {max(got, 0)} bytes of voxel data where its header "
+                           f"promises {nbytes} (truncated file?)")
+
+
 class ModelError(FlareError):
     """A model bundle or nnU-Net model folder is missing, malformed or unsupported."""
 

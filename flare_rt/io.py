@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_files, atomic_path
-from .errors import ConfigError, InputImageError, OutputError
+from .errors import ConfigError, InputImageError, OutputError, truncated_error
 from .geometry import Geometry
 from .metaimage import check_metaimage
-from .nifti import HEADER_SIZE, NIFTI_SUFFIXES, gzip_error, truncated_error, voxel_extent
+from .nifti import HEADER_SIZE, NIFTI_SUFFIXES, gzip_error, voxel_extent
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def read_image(path: str | Path, series_uid: str | None = None):
         length = stored.result()
     if extent is not None and length < sum(extent):  # ITK's NIfTI reader fills missing voxels with zeros
         offset, nbytes = extent
-        raise truncated_error(path, max(0, length - offset), nbytes)
+        raise truncated_error(path, length - offset, nbytes)
     if failure is not None:
         raise failure
     if suffix in NIFTI_SUFFIXES and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):

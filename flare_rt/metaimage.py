@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import InputImageError
+from .errors import InputImageError, truncated_error
 
 #: MetaIO's element types and their sizes in bytes (metaTypes.h; MET_LONG is 4 bytes there).
 _ELEMENT_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
@@ -66,5 +66,4 @@ def check_metaimage(path: Path) -> None:
             raise InputImageError(f"{path}: cannot read image: its data file {data_path} does not exist")
         got = data_path.stat().st_size - skip
     if got < nbytes:
-        raise InputImageError(f"{path}: cannot read image: {max(got, 0)} bytes of voxel data where its header "
-                              f"promises {nbytes} (truncated file?)")
+        raise truncated_error(path, got, nbytes)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputImageError
+from .errors import InputImageError, truncated_error
 from .geometry import Geometry
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,6 @@ def voxel_extent(head: bytes, path: Path) -> tuple[int, int] | None:
     except InputImageError:
         return None
     return layout.offset, layout.nbytes
-
-
-def truncated_error(path: Path, got: int, nbytes: int) -> InputImageError:
-    return InputImageError(f"{path}: cannot read image: {got} bytes of voxel data where its header promises "
-                           f"{nbytes} (truncated file?)")
 
 
 # -- reading -------------------------------------------------------------------------------------------------
