@@ -164,7 +164,8 @@ def test_output_that_cannot_be_written_is_refused_before_calibrating(fp32_bundle
     blocker.write_text("")
     rc = main(["quantize", str(fp32_bundle), str(blocker / "q.onnx"), "--precision", "int8", "--calibration",
                str(shared_data / "ts_dicom"), "--check", str(small_ct_path), "-q"])
-    one_line_error(capsys, rc, OutputError.exit_code, f"{blocker}: cannot write", "is not a folder")
+    line = one_line_error(capsys, rc, OutputError.exit_code, f"{blocker}: cannot write", "is not a folder")
+    assert line.startswith("flare-rt: error: ") and blocker.read_text() == ""
 
 
 def test_calibration_folder_listing_prints_no_library_warnings(tmp_path, capfd):

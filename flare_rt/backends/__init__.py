@@ -37,11 +37,23 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def check_backend_name(backend: str, option: str = "backend") -> str:
+    """``backend`` if it is ``auto`` or a registered backend; :class:`ConfigError` naming ``option`` otherwise."""
+    if backend != "auto" and backend not in REGISTRY:
+        raise ConfigError(f"{option} must be auto or one of {sorted(REGISTRY)}, got {backend!r}")
+    return backend
+
+
+def check_device(device: str, option: str = "device") -> str:
+    """``device`` if it is one of :data:`DEVICES`; :class:`ConfigError` naming ``option`` otherwise."""
+    if device not in DEVICES:
+        raise ConfigError(f"{option} must be one of {', '.join(DEVICES)}, got {device!r}")
+    return device
+
+
 def resolve_device(device: str) -> str:
     """``auto`` → ``cuda`` where the NVIDIA driver reports a GPU, else ``cpu`` (no torch/CuPy import)."""
-    if device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if device != "auto":
+    if check_device(device) != "auto":
         return device
     from ..devices import cuda_device_count
 
@@ -61,8 +73,7 @@ def candidates(backend: str, device: str) -> list[tuple[str, str]]:
 
 def create_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", threads: int | None = None,
                    batch_size: int = 1, cuda_graphs: bool = False) -> Backend:
-    if backend != "auto" and backend not in REGISTRY:
-        raise ConfigError(f"backend must be auto or one of {sorted(REGISTRY)}, got {backend!r}")
+    check_backend_name(backend)
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
     if batch_size < 1:

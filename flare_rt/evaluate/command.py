@@ -12,10 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flare_rt.atomic import check_writable
 from flare_rt.evaluate import evaluate_folders
 from flare_rt.evaluate.metrics import DEFAULT_DSC_CUTOFF, FLARE23_DSC_CUTOFF, EvaluationOptions
-from flare_rt.evaluate.report import render_markdown, write_report
+from flare_rt.evaluate.report import check_report_folder, render_markdown, write_report
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         inclusive_zrange=args.inclusive_zrange,
     )
     if args.out is not None:
-        check_writable(args.out)  # before the scoring, which takes minutes on a full test set
+        check_report_folder(args.out)  # before the scoring, which takes minutes on a full test set
     evaluation = evaluate_folders(args.pred, args.gt, options, workers=args.workers, resample_pred=args.resample_pred)
     markdown = render_markdown(evaluation.summary, options)
     if args.out is not None:

@@ -118,6 +118,16 @@ def write_box_plots(results: Sequence[CaseResult], folder: Path) -> list[Path]:
     return paths
 
 
+def check_report_folder(out: Path) -> None:
+    """:class:`OutputError` unless the report can be written into ``out``: the folder (or the nearest one
+    above it) is writable and no folder or file stands where ``write_report`` writes the other kind."""
+    check_writable(out)
+    for path, kind in ((out / CSV_NAME, "a file"), (out / MARKDOWN_NAME, "a file"), (out / PLOT_DIR, "a folder")):
+        if path.exists() and path.is_dir() != (kind == "a folder"):
+            raise OutputError(f"{path}: cannot write, {'a file' if kind == 'a folder' else 'a folder'} is in the "
+                              f"way of {kind}; remove it or choose another --out")
+
+
 def write_report(
     results: Sequence[CaseResult],
     summary: Summary,
@@ -127,11 +137,7 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``scores.csv``, ``summary.md`` and (``plots``) ``plots/boxplot_<id>_<name>.png``, each atomically;
     a folder or file in the way of any of them is refused before the first is written."""
-    check_writable(out)
-    for path, kind in ((out / CSV_NAME, "a file"), (out / MARKDOWN_NAME, "a file"), (out / PLOT_DIR, "a folder")):
-        if path.exists() and path.is_dir() != (kind == "a folder"):
-            raise OutputError(f"{path}: cannot write, {'a file' if kind == 'a folder' else 'a folder'} is in the "
-                              f"way of {kind}; remove it or choose another --out")
+    check_report_folder(out)
     written = {"csv": write_csv(results, out / CSV_NAME)}
     markdown = out / MARKDOWN_NAME
     with atomic_path(markdown) as tmp:

@@ -62,12 +62,10 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         """Refuse bad options here, before any stage runs (not when the first pseudo-labelling starts)."""
-        from ..backends import DEVICES, REGISTRY
+        from ..backends import check_backend_name, check_device
 
-        if self.backend != "auto" and self.backend not in REGISTRY:
-            raise ConfigError(f"--backend must be auto or one of {sorted(REGISTRY)}, got {self.backend!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_backend_name(self.backend, "--backend")
+        check_device(self.device, "--device")
         for flag, value, low in (("--threads", self.threads, 1), ("--train-threads", self.train_threads, 1),
                                  ("--train-workers", self.train_workers, 0), ("--workers", self.fan.workers, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):

@@ -375,6 +375,11 @@ def _lists(value: Any) -> Any:
     return [_lists(v) for v in value] if isinstance(value, tuple) else value
 
 
+def _require_object(d: Any) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"a training config must be a JSON object (see flare_rt/train/configs/), got {_shown(d)}")
+
+
 def check_type(key: str, value: Any, tp: Any) -> None:
     """:class:`ConfigError` naming ``key``, the value and the expected type unless ``value`` fits ``tp``."""
     if not _fits(value, tp):
@@ -414,8 +419,7 @@ def model_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 def config_from_dict(d: dict[str, Any], base_dir: str | Path | None = None) -> TrainConfig:
     """Build a :class:`TrainConfig`; relative data paths and ``output`` are resolved against ``base_dir``."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"a training config must be a JSON object (see flare_rt/train/configs/), got {_shown(d)}")
+    _require_object(d)
     d = dict(d)
     required = [k for k in ("name", "model", "data", "output") if d.get(k) is None]
     if required:
@@ -459,8 +463,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``["schedule.epochs=10", "data.val_cases=[\\"a\\"]"]`` applied to a config dict (values parsed as
     JSON, else taken as strings)."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"a training config must be a JSON object (see flare_rt/train/configs/), got {_shown(d)}")
+    _require_object(d)
     d = json.loads(json.dumps(d))
     for item in overrides:
         key, sep, raw = item.partition("=")
