@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
-from .errors import ModelError
+from .errors import ConfigError, ModelError
+from .orientation import NONE, validate_code
 from .precision import PrecisionRecord
 
 METADATA_KEY = "flare_rt"
@@ -22,7 +23,6 @@ FORMAT_VERSION = 1
 #: bf16/int8 variants (``flare-rt quantize``) carry a ``precision_record``; version 2 makes an older
 #: flare-rt say "upgrade" instead of failing on the unknown field. Plain bundles stay version 1.
 VARIANT_FORMAT_VERSION = 2
-ORIENTATIONS_NONE = "none"
 #: nnU-Net's tile step (a fraction of the patch): tiles overlap by half.
 DEFAULT_TILE_STEP = 0.5
 
@@ -61,7 +61,7 @@ class BundleMeta:
     tile_step: float = DEFAULT_TILE_STEP
     mirror_axes: tuple[int, ...] = ()
     tta: bool = False  # default for --tta
-    orientation: str = ORIENTATIONS_NONE  # "none": stored array order (nnU-Net); else e.g. "LPS"
+    orientation: str = NONE  # flare_rt.orientation: "none", "stored" or e.g. "LPS"
     transpose_forward: tuple[int, int, int] = (0, 1, 2)
     crop_nonzero: bool = True
     resampling: ResamplingRule = field(default_factory=ResamplingRule)
@@ -106,6 +106,7 @@ class BundleMeta:
                 d[key] = tuple(d[key])
             if d.get("precision_record") is not None:
                 d["precision_record"] = PrecisionRecord.from_dict(d["precision_record"])
+            _check_orientation(d.get("orientation", NONE), where)
             return cls(**d)
         except ModelError:
             raise
@@ -115,6 +116,17 @@ class BundleMeta:
 
     def with_(self, **changes) -> "BundleMeta":
         return replace(self, **changes)
+
+
+def _check_orientation(orientation, where: str) -> None:
+    try:
+        ok = validate_code(str(orientation)) == orientation
+    except ConfigError:
+        ok = False
+    if not ok:
+        raise ModelError(f"{where}: orientation {orientation!r} in the flare-rt metadata is not 'none', 'stored' or "
+                         "an upper-case code such as LPS; re-create the bundle with 'flare-rt import-nnunet' or "
+                         "'flare-rt export'")
 
 
 @dataclass(frozen=True)

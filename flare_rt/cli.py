@@ -307,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fold", default=None, help="fold to import (default: the first with the checkpoint)")
     m.add_argument("--checkpoint", default="checkpoint_final.pth")
     m.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    m.add_argument("--orientation", default=None, help="orientation the model expects (default none: array order)")
+    m.add_argument("--orientation", default=None,
+                   help="orientation the model expects: none (default: axial slice order, flips as stored, as "
+                   "nnU-Net on axial CTs), stored (the array order whatever it is), or a code such as LPS")
     m.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint")
     m.add_argument("--demo", action="store_true", help="mark the bundle as a coarse demonstration model")
     common(m)

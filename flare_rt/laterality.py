@@ -3,8 +3,8 @@ needs (right/left kidney 2 <-> 13, right/left adrenal 7 <-> 8).
 
 Mirroring a CT along its left-right axis turns a right kidney into one that lies where a left kidney
 lies; its label must follow, or training teaches the network that both sides are either kidney.
-Which array axis that is depends on the image direction (a FLARE case stored LPS has it on x, one
-stored with a permuted direction may have it on z), never on the axis number.
+Which array axis that is depends on the image direction and the orientation the array was put in (in axial
+order it is x; in the stored order of a case stored with permuted axes it may be z), never on the axis number.
 """
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from typing import Sequence
 import numpy as np
 
 from .labels import LATERAL_PAIRS
-from .orientation import orientation_code
+from .orientation import effective_code
 
 
 def lr_axis(direction: Sequence[float], orientation: str = "none") -> int:
     """The (z, y, x) array axis along the patient's left-right direction.
 
-    ``direction``: the SimpleITK direction of the stored image. ``orientation``: the code the array was
-    reoriented to (``flare_rt.orientation``), or ``"none"`` for the stored array order."""
-    code = orientation_code(direction) if orientation == "none" else orientation
+    ``direction``: the SimpleITK direction of the stored image. ``orientation``: what the array was
+    reoriented to (:func:`flare_rt.orientation.plan_reorientation`: a code, ``"none"`` or ``"stored"``)."""
+    code = effective_code(direction, orientation)
     sitk_axis = next(j for j, c in enumerate(code) if c in "LR")
     return 2 - sitk_axis  # SimpleITK axis j (x, y, z) is numpy axis 2 - j
 

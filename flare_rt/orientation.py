@@ -1,8 +1,16 @@
 """Reorientation by axis permutation and flips only (no interpolation).
 
-nnU-Net ignores direction cosines and runs on the stored array order; a bundle whose model expects
-an anatomical orientation (e.g. ``LPS``: x toward patient left, y posterior, z superior, DICOM
-convention) gets the array permuted/flipped to it, and the labels are mapped back exactly.
+What a bundle's ``orientation`` asks of the image, before the network (the labels are mapped back exactly):
+
+- a code (e.g. ``LPS``: x toward patient left, y posterior, z superior, DICOM convention): the array is
+  permuted and flipped to it;
+- ``"none"`` (the default, and what nnU-Net imports get): no anatomical orientation, but axial slice order.
+  An image stored as axial slices (every clinical abdominal CT, so every case nnU-Net was trained and
+  checked on) runs exactly as stored, flips and all, as nnU-Net runs it. An image stored with its axes
+  permuted (sagittal or coronal stacking, ``z, x, y`` index axes) has them permuted back to axial order,
+  never flipped: in stored order the network would see the body on its side and nnU-Net's answer is wrong;
+- ``"stored"``: the stored array order whatever it is, nnU-Net's exact behaviour, for a model trained on
+  images stored some other way.
 """
 from __future__ import annotations
 
@@ -46,13 +54,17 @@ class Reorientation:
         return tuple(spacing[p] for p in self.perm)
 
 
+NONE = "none"  # axial slice order, flips as stored
+STORED = "stored"  # the stored array order
+
+
 def validate_code(code: str) -> str:
     code = code.upper()
-    if code == "NONE":
-        return "none"
+    if code in ("NONE", "STORED"):
+        return code.lower()
     if len(code) != 3 or any(c not in _LETTERS for c in code) or len({_LETTERS[c][0] for c in code}) != 3:
-        raise ConfigError(f"orientation must be 'none' or three letters from L/R, P/A, S/I, one per axis "
-                          f"(e.g. LPS, RAS), got {code!r}")
+        raise ConfigError(f"orientation must be 'none', 'stored' or three letters from L/R, P/A, S/I, one per "
+                          f"axis (e.g. LPS, RAS), got {code!r}")
     return code
 
 
@@ -69,11 +81,25 @@ def orientation_code(direction) -> str:
     return "".join(c for _, c in sorted(code))
 
 
+def axial_code(direction) -> str:
+    """The code of ``direction``'s own axes put in axial order (left-right, then anterior-posterior, then
+    superior-inferior), each axis keeping its stored sense: reached by a permutation, never a flip."""
+    return "".join(sorted(orientation_code(direction), key=lambda c: _LETTERS[c][0]))
+
+
+def effective_code(direction, orientation: str) -> str:
+    """The code an array with SimpleITK ``direction`` has after :func:`plan_reorientation` to ``orientation``."""
+    if orientation == STORED:
+        return orientation_code(direction)
+    return axial_code(direction) if orientation == NONE else orientation
+
+
 def plan_reorientation(direction, target: str) -> Reorientation:
     """How to permute/flip a (z, y, x) array with SimpleITK ``direction`` so that its index axes point
-    as ``target`` says (target letters are for x, y, z)."""
-    if target == "none":
+    as ``target`` says (target letters are for x, y, z; ``none`` and ``stored`` as the module says)."""
+    if target == STORED:
         return Reorientation((0, 1, 2), ())
+    target = effective_code(direction, target)
     source = orientation_code(direction)
     src_axis = {_LETTERS[c][0]: (j, _LETTERS[c][1]) for j, c in enumerate(source)}  # phys -> (sitk axis, sign)
     perm_sitk, flips_sitk = [], []

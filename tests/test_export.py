@@ -275,3 +275,25 @@ def test_bundle_with_malformed_or_empty_metadata_is_a_model_error(tmp_path, caps
         rc = main(["info", str(tmp_path / name)])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == ModelError.exit_code and len(err) == 1 and words in err[0], err
+
+
+@pytest.mark.parametrize("orientation", ["sideways", "lps", "LLS", 3])
+def test_bundle_with_an_unknown_orientation_is_a_model_error(tmp_path, capsys, orientation):
+    """The runtime would otherwise fail on it mid-inference with a KeyError."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from flare_rt.resources import packaged_model
+
+    meta = json.loads(Bundle.load(packaged_model()).meta.to_json())
+    meta["orientation"] = orientation
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    model.metadata_props.add(key="flare_rt", value=json.dumps(meta))
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    rc = main(["info", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == ModelError.exit_code and len(err) == 1, err
+    assert f"orientation {orientation!r}" in err[0] and "'stored'" in err[0], err

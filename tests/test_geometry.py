@@ -69,7 +69,7 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("geometry")
 
 
-# -- default bundle (orientation "none": stored array order, as nnU-Net) ----------------------------------
+# -- default bundle (orientation "none": axial slices as stored, as nnU-Net) ---------------------------------
 @pytest.fixture(scope="module")
 def original_seg(work, ct_path):
     out = work / "original_seg.nii.gz"
@@ -108,6 +108,26 @@ def test_copy_grid_and_labels(name, work, ct, original_seg):
     assert_same_grid(seg, img, exact=in_suffix == out_suffix)
     # orientation "none": the model sees the stored voxels only, so the labels are the original's
     np.testing.assert_array_equal(labels_of(seg), labels_of(original_seg))
+
+
+@pytest.mark.parametrize("order", [(2, 0, 1), (1, 0, 2), (0, 2, 1)])
+def test_default_bundle_permuted_axes_same_labels(order, work, ct, original_seg):
+    """Orientation "none": a CT stored with permuted index axes (slices stacked along x or y, or x and y
+    swapped) is put back in axial order before the network, so it gets the original's labels voxel for voxel
+    in physical space. In stored order, as nnU-Net runs it, the network saw the body on its side and
+    10-20 % of the voxels changed label."""
+    copy = sitk.PermuteAxes(ct, order)
+    assert copy.GetSize() != ct.GetSize()
+    src = work / f"permuted_{''.join(map(str, order))}.nii.gz"
+    sitk.WriteImage(copy, str(src))
+    dst = work / f"permuted_{''.join(map(str, order))}_seg.nii.gz"
+    segment(src, dst, *QUICK)
+    seg = sitk.ReadImage(str(dst))
+    assert_same_grid(seg, sitk.ReadImage(str(src)), exact=True)
+    ref = labels_of(original_seg)
+    back = labels_of(sitk.Resample(seg, original_seg, sitk.Transform(), sitk.sitkNearestNeighbor, 255))
+    mismatch = int((back != ref).sum())
+    assert mismatch == 0, f"{mismatch} voxels differ from the original's segmentation in physical space"
 
 
 # -- a bundle whose model expects LPS: same anatomy whatever the storage order -------------------------------

@@ -11,6 +11,8 @@ import SimpleITK as sitk
 from flare_rt.errors import ConfigError
 from flare_rt.orientation import (
     Reorientation,
+    axial_code,
+    effective_code,
     orientation_code,
     plan_reorientation,
     validate_code,
@@ -90,10 +92,35 @@ def test_invert_roundtrip_on_labels_and_views():
                 np.testing.assert_array_equal(r.invert(out), a)
 
 
-def test_none_is_identity(array):
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_none_is_axial_order_by_permutation_only(array, direction):
+    """"none": whatever the stored axes, the array ends in axial order (index x left-right, y anterior-
+    posterior, z superior-inferior), every axis keeping its stored sense; an axial image is left as stored.
+    "stored" never moves anything."""
+    code = orientation_code(direction)
+    target = effective_code(direction, "none")
+    assert [c in pair for c, pair in zip(target, ("LR", "PA", "SI"))] == [True] * 3
+    assert sorted(target) == sorted(code)  # the same senses: a permutation, never a flip
+    plan = plan_reorientation(direction, "none")
+    assert plan.flips == ()
+    assert plan.identity == (code == target)
+    expected = sitk.GetArrayFromImage(sitk.DICOMOrient(image_of(array, direction), target))
+    np.testing.assert_array_equal(plan.apply(array), expected)
+    assert plan_reorientation(direction, "stored").identity
+    assert effective_code(direction, "stored") == code and effective_code(direction, "LPS") == "LPS"
+
+
+def test_none_turns_an_in_plane_transpose_back():
+    """Index x along anterior, y along left (a 90-degree in-plane turn): x and y swap back, nothing flips."""
     plan = plan_reorientation((0, 1, 0, -1, 0, 0, 0, 0, 1), "none")
-    assert plan.identity
-    np.testing.assert_array_equal(plan.apply(array), array)
+    assert plan == Reorientation((0, 2, 1), ())
+    assert axial_code((0, 1, 0, -1, 0, 0, 0, 0, 1)) == "LAS"
+
+
+@pytest.mark.parametrize("degrees", [-40, -10, 25, 44])
+def test_none_leaves_an_oblique_axial_image_as_stored(degrees):
+    d = rotation("z", degrees) @ rotation("x", 15) @ np.diag([-1.0, -1.0, 1.0])
+    assert plan_reorientation(tuple(d.ravel()), "none").identity
 
 
 def rotation(axis: str, degrees: float) -> np.ndarray:
@@ -143,7 +170,8 @@ def test_oblique_plan_matches_dicom_orient(array):
 
 
 @pytest.mark.parametrize("code, expected", [("LPS", "LPS"), ("ras", "RAS"), ("Ail", "AIL"), ("none", "none"),
-                                            ("NONE", "none"), ("None", "none")])
+                                            ("NONE", "none"), ("None", "none"), ("stored", "stored"),
+                                            ("STORED", "stored")])
 def test_validate_code_accepts(code, expected):
     assert validate_code(code) == expected
 
@@ -154,5 +182,5 @@ def test_validate_code_rejects(code):
         validate_code(code)
     msg = str(info.value)
     assert repr(code.upper()) in msg  # names the bad value
-    assert "LPS" in msg and "none" in msg  # and what is expected
+    assert "LPS" in msg and "none" in msg and "stored" in msg  # and what is expected
     assert info.value.exit_code == 6

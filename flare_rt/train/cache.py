@@ -22,7 +22,7 @@ import numpy as np
 from ..atomic import atomic_path
 from ..bundle import CTNormalization, ResamplingRule
 from ..labels import IGNORE_ID
-from ..orientation import plan_reorientation
+from ..orientation import NONE, STORED, plan_reorientation
 from ..preprocess import compute_new_shape, ct_normalize, nonzero_crop
 from ..resample import ResamplePlan, make_plan, resample
 from .dataset import CaseEntry, load_case
@@ -30,6 +30,7 @@ from .parallel import parallel_map
 
 log = logging.getLogger(__name__)
 
+CACHE_FORMAT = 2  # 2: orientation "none" puts a case stored with permuted axes in axial order
 MAX_LOCATIONS = 10_000  # per class, as nnU-Net
 MIN_LOCATION_FRACTION = 0.01
 
@@ -42,12 +43,12 @@ class CacheSpec:
     normalization: CTNormalization
     resampling: ResamplingRule = ResamplingRule()
     compute_dtype: str = "float32"  # image resampling arithmetic (nnU-Net: float64)
-    orientation: str = "none"  # "none": stored array order; else reoriented as the runtime does
+    orientation: str = "none"  # as the runtime (flare_rt.orientation): "none", "stored" or a code
 
     def key(self, entry: CaseEntry) -> str:
         files = [(p, os.stat(p).st_size, int(os.stat(p).st_mtime)) for p in (entry.image, entry.label)
                  if p is not None and Path(p).is_file()]
-        text = json.dumps([asdict(self), files, entry.annotated], sort_keys=True, default=str)
+        text = json.dumps([CACHE_FORMAT, asdict(self), files, entry.annotated], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -93,9 +94,10 @@ def class_locations(labels: np.ndarray, seed: int = 1234) -> dict[int, np.ndarra
 
 def preprocess_arrays(image: np.ndarray, spacing: Sequence[float], labels: np.ndarray | None,
                       spec: CacheSpec, direction: Sequence[float] | None = None) -> PreprocessedCase:
-    """Reorient (when ``spec.orientation`` is a code; needs the SimpleITK ``direction``), crop to the
-    non-zero box, normalise and resample to ``spec.spacing``: the runtime's preprocessing, step by step."""
-    if spec.orientation != "none":
+    """Reorient as the runtime does (needs the SimpleITK ``direction``; without one, ``none`` and ``stored``
+    keep the array order), crop to the non-zero box, normalise and resample to ``spec.spacing``: the
+    runtime's preprocessing, step by step."""
+    if direction is not None or spec.orientation not in (NONE, STORED):
         reo = plan_reorientation(direction, spec.orientation)
         image, spacing = reo.apply(image), reo.spacing(spacing)
         labels = None if labels is None else reo.apply(labels)

@@ -39,15 +39,16 @@ class ModelConfig:
     spacing: tuple[float, float, float]  # mm
     patch_size: Triple
     tta: bool  # the bundle's default for mirroring test-time augmentation
-    # "none": the stored array order, as nnU-Net (FLARE cases share one orientation). A code such as "LPS"
-    # reorients every case (flare_rt.orientation, as the runtime does) for data stored in mixed orientations.
+    # As the runtime (flare_rt.orientation). "none": axial slice order with the stored flips, as nnU-Net on
+    # axial CTs (FLARE cases are); "stored": the array order whatever it is; a code such as "LPS" reorients
+    # every case, for data stored in mixed orientations.
     orientation: str = "none"
 
     def __post_init__(self) -> None:
         from ..orientation import validate_code
 
         if validate_code(self.orientation) != self.orientation:
-            raise ConfigError(f"model.orientation must be 'none' or an upper-case code such as 'LPS', "
+            raise ConfigError(f"model.orientation must be 'none', 'stored' or an upper-case code such as 'LPS', "
                               f"got {self.orientation!r}")
         self.unet(15)  # raises ModelError on inconsistent stage lists
         if len(self.spacing) != 3 or min(self.spacing) <= 0:

@@ -30,9 +30,10 @@ PERMUTED = (0.0, 0.0, 1.0,
 def test_left_right_axis_from_the_direction():
     assert lr_axis((1, 0, 0, 0, 1, 0, 0, 0, 1)) == 2  # LPS
     assert lr_axis((-1, 0, 0, 0, -1, 0, 0, 0, 1)) == 2  # RAS (the TotalSegmentator files)
-    assert lr_axis(PERMUTED) == 0
+    assert lr_axis(PERMUTED, "stored") == 0
+    assert lr_axis(PERMUTED) == 2  # "none" puts the permuted axes back in axial order first
     c, s = np.cos(np.radians(25)), np.sin(np.radians(25))
-    assert lr_axis((0, 0, 1, 0, 1, 0, c, s, 0)) == 0  # oblique: still mostly left-right along z
+    assert lr_axis((0, 0, 1, 0, 1, 0, c, s, 0), "stored") == 0  # oblique: still mostly left-right along z
     assert lr_axis(PERMUTED, "LPS") == 2 and lr_axis(PERMUTED, "SPL") == 0  # after reorientation
     assert common_lr_axis([2, 2]) == 2 and common_lr_axis([2, 0]) is None and common_lr_axis([]) is None
     labels = np.array([0, RK, LK, RA, LA, 1, 255], np.uint8)
@@ -67,7 +68,7 @@ def mean_position(labels: torch.Tensor, k: int, axis: int) -> float:
     return float(where[:, axis].float().mean()) if len(where) else float("nan")
 
 
-@pytest.mark.parametrize("orientation,axis", [("none", 0), ("LPS", 2)])
+@pytest.mark.parametrize("orientation,axis", [("stored", 0), ("none", 2), ("LPS", 2)])
 def test_mirroring_the_left_right_axis_swaps_kidneys_and_adrenals(lateral_case, tmp_path, orientation, axis):
     spec = CacheSpec((2.0, 2.0, 2.0), CTNormalization(100.0, 100.0, -200.0, 400.0), orientation=orientation)
     cache = build_cache(lateral_case.cases, spec, tmp_path / "cache", progress=False)
