@@ -5,8 +5,8 @@ What a bundle's ``orientation`` asks of the image, before the network (the label
 - a code (e.g. ``LPS``: x toward patient left, y posterior, z superior, DICOM convention): the array is
   permuted and flipped to it;
 - ``"none"`` (the default, and what nnU-Net imports get): no anatomical orientation, but axial slice order.
-  An image stored as axial slices (every clinical abdominal CT, so every case nnU-Net was trained and
-  checked on) runs exactly as stored, flips and all, as nnU-Net runs it. An image stored with its axes
+  An image stored as axial slices (as clinical abdominal CTs and the FLARE cases are) runs exactly as
+  stored, flips and all, as nnU-Net runs it. An image stored with its axes
   permuted (sagittal or coronal stacking, ``z, x, y`` index axes) has them permuted back to axial order,
   never flipped: in stored order the network would see the body on its side and nnU-Net's answer is wrong;
 - ``"stored"``: the stored array order whatever it is, nnU-Net's exact behaviour, for a model trained on
