@@ -5,7 +5,7 @@ What a bundle's ``orientation`` asks of the image, before the network (the label
 - a code (e.g. ``LPS``: x toward patient left, y posterior, z superior, DICOM convention): the array is
   permuted and flipped to it;
 - ``"none"`` (the default, and what nnU-Net imports get): no anatomical orientation, but axial slice order.
-  An image stored as axial slices (as clinical abdominal CTs and the FLARE cases are) runs exactly as
+  An image stored as axial slices (as abdominal CTs usually are) runs exactly as
   stored, flips and all, as nnU-Net runs it. An image stored with its axes
   permuted (sagittal or coronal stacking, ``z, x, y`` index axes) has them permuted back to axial order,
   never flipped: in stored order the network would see the body on its side and nnU-Net's answer is wrong;

@@ -40,7 +40,7 @@ class ModelConfig:
     patch_size: Triple
     tta: bool  # the bundle's default for mirroring test-time augmentation
     # As the runtime (flare_rt.orientation). "none": axial slice order with the stored flips, as nnU-Net on
-    # axial CTs (FLARE cases are); "stored": the array order whatever it is; a code such as "LPS" reorients
+    # axially stored CTs; "stored": the array order whatever it is; a code such as "LPS" reorients
     # every case, for data stored in mixed orientations.
     orientation: str = "none"
 
