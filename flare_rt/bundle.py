@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
-from .errors import ConfigError, ModelError
-from .orientation import NONE, validate_code
+from .errors import ModelError
+from .orientation import NONE, is_code
 from .precision import PrecisionRecord
 
 METADATA_KEY = "flare_rt"
@@ -119,11 +119,7 @@ class BundleMeta:
 
 
 def _check_orientation(orientation, where: str) -> None:
-    try:
-        ok = validate_code(str(orientation)) == orientation
-    except ConfigError:
-        ok = False
-    if not ok:
+    if not is_code(orientation):
         raise ModelError(f"{where}: orientation {orientation!r} in the flare-rt metadata is not 'none', 'stored' or "
                          "an upper-case code such as LPS; re-create the bundle with 'flare-rt import-nnunet' or "
                          "'flare-rt export'")

@@ -5,10 +5,10 @@ What a bundle's ``orientation`` asks of the image, before the network (the label
 - a code (e.g. ``LPS``: x toward patient left, y posterior, z superior, DICOM convention): the array is
   permuted and flipped to it;
 - ``"none"`` (the default, and what nnU-Net imports get): no anatomical orientation, but axial slice order.
-  An image stored as axial slices (as abdominal CTs usually are) runs exactly as
-  stored, flips and all, as nnU-Net runs it. An image stored with its axes
-  permuted (sagittal or coronal stacking, ``z, x, y`` index axes) has them permuted back to axial order,
-  never flipped: in stored order the network would see the body on its side and nnU-Net's answer is wrong;
+  An image stored as axial slices (as abdominal CTs usually are) runs exactly as stored, flips and all, as
+  nnU-Net runs it. An image stored with its axes permuted (sagittal or coronal stacking, ``z, x, y`` index
+  axes) has them permuted back to axial order, never flipped: in stored order the network would see the
+  body on its side and nnU-Net's answer is wrong;
 - ``"stored"``: the stored array order whatever it is, nnU-Net's exact behaviour, for a model trained on
   images stored some other way.
 """
@@ -66,6 +66,15 @@ def validate_code(code: str) -> str:
         raise ConfigError(f"orientation must be 'none', 'stored' or three letters from L/R, P/A, S/I, one per "
                           f"axis (e.g. LPS, RAS), got {code!r}")
     return code
+
+
+def is_code(value) -> bool:
+    """Whether ``value`` is an orientation exactly as :func:`validate_code` writes it (``none``, ``stored``,
+    or an upper-case code), as bundle metadata and training configs must hold it."""
+    try:
+        return isinstance(value, str) and validate_code(value) == value
+    except ConfigError:
+        return False
 
 
 def orientation_code(direction) -> str:

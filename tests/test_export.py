@@ -260,7 +260,8 @@ def test_output_that_cannot_be_written_is_refused_before_the_import(demo_nnunet_
         assert rc == 8 and len(err) == 1 and f"{blocker}: cannot write" in err[0] and "not a folder" in err[0], err
 
 
-def test_bundle_with_malformed_or_empty_metadata_is_a_model_error(tmp_path, capsys):
+def identity_onnx_with_metadata(path, metadata: str):
+    """A one-node ONNX file whose flare-rt metadata is ``metadata``, as it stands."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -268,8 +269,12 @@ def test_bundle_with_malformed_or_empty_metadata_is_a_model_error(tmp_path, caps
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     model = helper.make_model(graph)
-    model.metadata_props.add(key="flare_rt", value="[1, 2]")
-    onnx.save(model, str(tmp_path / "list.onnx"))
+    model.metadata_props.add(key="flare_rt", value=metadata)
+    onnx.save(model, str(path))
+
+
+def test_bundle_with_malformed_or_empty_metadata_is_a_model_error(tmp_path, capsys):
+    identity_onnx_with_metadata(tmp_path / "list.onnx", "[1, 2]")
     (tmp_path / "empty.onnx").write_bytes(b"")
     for name, words in (("list.onnx", "malformed flare-rt metadata"), ("empty.onnx", "is empty (0 bytes)")):
         rc = main(["info", str(tmp_path / name)])
@@ -280,19 +285,11 @@ def test_bundle_with_malformed_or_empty_metadata_is_a_model_error(tmp_path, caps
 @pytest.mark.parametrize("orientation", ["sideways", "lps", "LLS", 3])
 def test_bundle_with_an_unknown_orientation_is_a_model_error(tmp_path, capsys, orientation):
     """The runtime would otherwise fail on it mid-inference with a KeyError."""
-    import onnx
-    from onnx import TensorProto, helper
-
     from flare_rt.resources import packaged_model
 
     meta = json.loads(Bundle.load(packaged_model()).meta.to_json())
     meta["orientation"] = orientation
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph)
-    model.metadata_props.add(key="flare_rt", value=json.dumps(meta))
-    onnx.save(model, str(tmp_path / "m.onnx"))
+    identity_onnx_with_metadata(tmp_path / "m.onnx", json.dumps(meta))
     rc = main(["info", str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == ModelError.exit_code and len(err) == 1, err

@@ -45,9 +45,9 @@ class ModelConfig:
     orientation: str = "none"
 
     def __post_init__(self) -> None:
-        from ..orientation import validate_code
+        from ..orientation import is_code
 
-        if validate_code(self.orientation) != self.orientation:
+        if not is_code(self.orientation):
             raise ConfigError(f"model.orientation must be 'none', 'stored' or an upper-case code such as 'LPS', "
                               f"got {self.orientation!r}")
         self.unet(15)  # raises ModelError on inconsistent stage lists

@@ -16,6 +16,7 @@ from flare_rt.errors import ConfigError, OutputError
 from flare_rt.stages import runner
 from flare_rt.stages.definition import definition_from_dict
 from flare_rt.stages.runner import RunOptions
+from cli_errors import one_error_line
 
 DEFINITION = {
     "name": "mini",
@@ -47,14 +48,6 @@ def nothing_trains(monkeypatch):
 
 def pipeline(*argv: str) -> int:
     return cli_main(["pipeline", *argv])
-
-
-def one_error_line(capfd) -> str:
-    err = capfd.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("flare-rt: error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("below", ["", "w"])

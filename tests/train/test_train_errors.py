@@ -14,6 +14,7 @@ from flare_rt.errors import ConfigError, OutputError
 from flare_rt.train.checkpoint import FINAL, LATEST
 from flare_rt.train.command import register
 from flare_rt.train.config import load_config, preset_path
+from cli_errors import one_error_line
 
 FAST = ["--set", "runtime.progress=false", "--set", "runtime.export=false", "--set", "runtime.num_workers=0",
         "--set", "schedule.epochs=1", "--set", "schedule.iterations_per_epoch=1", "--set", "schedule.val_iterations=1",
@@ -26,14 +27,6 @@ def run(*argv: str) -> int:
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *argv])
     return run_command(args.func, args)
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("flare-rt: error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
