@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, EngineError
+from .runtime import create
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,9 @@ def build_engine(onnx_bytes: bytes, input_name: str, config: EngineConfig, trt, 
                  timing_cache: bytes = b"") -> tuple[bytes, bytes]:
     """Serialized engine and updated timing cache for an ONNX graph whose only dynamic dimension is
     the batch. Raises :class:`EngineError` with TensorRT's own message when parsing or building fails."""
-    builder = trt.Builder(logger)
+    builder = create(trt.Builder, logger, logger=logger, what="builder")
     network = builder.create_network(_network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
+    parser = create(trt.OnnxParser, network, logger, logger=logger, what="ONNX parser")
     if not parser.parse(onnx_bytes):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineError(f"TensorRT could not parse the bundle's ONNX graph: {'; '.join(errors[:3]) or logger.last_error()}")

@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 from ..errors import ConfigError, EngineError
+from .runtime import create
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 class EngineRunner:
     def __init__(self, plan: bytes, trt, cp, logger, where: str = "engine"):
         self._cp, self._logger, self.where = cp, logger, where
-        self._runtime = trt.Runtime(logger)
+        self._runtime = create(trt.Runtime, logger, logger=logger, what="runtime")
         engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise EngineError(f"{where}: TensorRT {trt.__version__} cannot load this engine ({logger.last_error()}): it "

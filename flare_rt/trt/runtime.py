@@ -75,7 +75,8 @@ def host_platform() -> str:
 
 def make_logger(trt):
     """A ``trt.ILogger`` forwarding to :mod:`logging` (TensorRT's INFO as DEBUG); ``.errors`` keeps the
-    error messages so a failed build or deserialisation can say why in one line."""
+    error messages (and ``.warnings`` the warnings) so a failed build, deserialisation or start can say
+    why in one line."""
     sev = trt.ILogger.Severity
     levels = {sev.INTERNAL_ERROR: logging.ERROR, sev.ERROR: logging.ERROR, sev.WARNING: logging.WARNING,
               sev.INFO: logging.DEBUG, sev.VERBOSE: logging.DEBUG - 1}
@@ -84,15 +85,43 @@ def make_logger(trt):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.warnings: list[str] = []
 
         def log(self, severity, msg):
             level = levels.get(severity, logging.DEBUG)
             if level >= logging.ERROR:
                 self.errors.append(str(msg))
                 level = logging.DEBUG  # raised as our own one-line error; logged in full with -v
+            elif level == logging.WARNING:
+                self.warnings.append(str(msg))
             log.log(level, "TensorRT: %s", msg)
 
         def last_error(self, default: str = "no message from TensorRT") -> str:
-            return self.errors[-1] if self.errors else default
+            """TensorRT's last error, else its last warning (it reports a failed CUDA initialisation as
+            one), else ``default``."""
+            if self.errors:
+                return self.errors[-1]
+            return f"warning: {self.warnings[-1]}" if self.warnings else default
 
     return Logger()
+
+
+def create(factory, *args, logger, what: str):
+    """``trt.Builder(logger)``, ``trt.Runtime(logger)``, ``trt.OnnxParser(network, logger)``.
+
+    When TensorRT cannot start (CUDA initialisation failed: a driver older than TensorRT's CUDA, a GPU
+    the container cannot see) it logs why and returns no object, which its Python bindings raise as
+    ``TypeError: pybind11::init(): factory function returned nullptr``. That makes the backend unavailable
+    (:class:`BackendUnavailableError` with TensorRT's message, so ``--backend auto`` falls back); it is not an
+    :class:`~flare_rt.errors.EngineError`: no engine is at fault, and none is rebuilt or removed for it."""
+    try:
+        made = factory(*args)
+    except TypeError as exc:
+        if "nullptr" not in str(exc):
+            raise
+        made = None
+    if made is None:
+        raise BackendUnavailableError(f"TensorRT could not create its {what} ({logger.last_error()}); check that the "
+                                      "GPU is visible (nvidia-smi; docker run --gpus) and that its driver supports "
+                                      "TensorRT's CUDA")
+    return made

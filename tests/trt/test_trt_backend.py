@@ -103,6 +103,33 @@ def test_auto_falls_back_when_no_engine_fits_and_building_is_off(gpu_stack, pack
         create_backend(packaged_bundle, "tensorrt", "cuda")
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["to-build", "baked"])
+def test_auto_falls_back_when_tensorrt_cannot_start_cuda(gpu_stack, packaged_bundle, monkeypatch, caplog, cached):
+    """TensorRT that cannot start CUDA (a driver older than its CUDA) returns no builder or runtime, which its
+    bindings raise as pybind11's TypeError (test_trt_bindings.py shows the real ones do): one line with
+    TensorRT's reason and the fallback, whether the engine was baked or would be built. A baked engine is
+    not at fault: it is neither rebuilt nor removed."""
+    caplog.set_level(logging.INFO)
+    stack = gpu_stack()
+    if cached:
+        create_backend(packaged_bundle, "tensorrt", "cuda").close()  # an engine in the cache
+    engines = sorted(stack.cache.glob("*.engine"))
+    caplog.clear()
+    monkeypatch.setenv("FAKE_TRT_FAIL", "cuda_init")
+    with pytest.raises(BackendUnavailableError) as err:
+        create_backend(packaged_bundle, "tensorrt", "cuda")
+    what = "runtime" if cached else "builder"
+    assert str(err.value).startswith(f"TensorRT could not create its {what} (warning: CUDA initialization failure "
+                                     "with error: 35.") and "\n" not in str(err.value)
+    b = create_backend(packaged_bundle, "auto", "auto")
+    assert b.name == CPU_FIRST
+    assert f"(not usable: tensorrt on cuda: TensorRT could not create its {what} (warning: CUDA initialization " \
+           "failure" in _fallback_line(caplog)
+    assert sorted(stack.cache.glob("*.engine")) == engines and len(stack.trt.BUILDS) == int(cached)
+    if cached:
+        assert not [r for r in caplog.records if "building" in r.getMessage()]
+
+
 def test_auto_falls_back_for_a_quantised_bundle(gpu_stack, packaged_bundle, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     gpu_stack()

@@ -12,7 +12,12 @@ It behaves like TensorRT where flare-rt depends on it:
   checked to be live), computing ``out[b, k] = in[b, 0] * (k + 1) + k``.
 
 Configured by environment variables at import (FAKE_TRT_VERSION) and at call time (FAKE_GPU_CC,
-FAKE_GPU_NAME, FAKE_TRT_FAIL=parse|build|context), so a subprocess with this folder on PYTHONPATH works too.
+FAKE_GPU_NAME, FAKE_TRT_FAIL=parse|build|context|cuda_init), so a subprocess with this folder on PYTHONPATH
+works too.
+
+It offers only what NVIDIA's bindings have, under their names: classes, methods with their parameter names,
+properties and enum members with their values, for 10.16 and 11.4 (``tests/trt/test_trt_bindings.py``
+checks it against the real bindings). Its own state is private (underscored).
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ def _record(*call):
     CALLS.append(call)
 
 
-class DataType(enum.Enum):
+class DataType(enum.IntEnum):
     FLOAT = 0
     HALF = 1
 
@@ -44,27 +49,30 @@ _NP = {DataType.FLOAT: np.float32, DataType.HALF: np.float16}
 _ONNX = {1: DataType.FLOAT, 10: DataType.HALF}
 
 
-def nptype(t: DataType):
-    return _NP[t]
+def nptype(trt_type: DataType):
+    return _NP[trt_type]
 
 
-class TensorIOMode(enum.Enum):
+class TensorIOMode(enum.IntEnum):
+    NONE = 0
     INPUT = 1
     OUTPUT = 2
 
 
-class MemoryPoolType(enum.Enum):
+class MemoryPoolType(enum.IntEnum):
     WORKSPACE = 0
 
 
-NetworkDefinitionCreationFlag = enum.IntEnum(
-    "NetworkDefinitionCreationFlag",
-    {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if MAJOR == 10 else {"STRONGLY_TYPED": 1})
-BuilderFlag = enum.IntEnum("BuilderFlag", {"FP16": 0, "TF32": 7} if MAJOR == 10 else {"TF32": 7})
+# TensorRT 11 dropped EXPLICIT_BATCH (always explicit) and renumbered: STRONGLY_TYPED is 0 there, 1 in 10.x
+NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
+                                             {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if MAJOR == 10
+                                             else {"STRONGLY_TYPED": 0})
+BuilderFlag = enum.IntEnum("BuilderFlag", {"FP16": 0, "TF32": 6} if MAJOR == 10 else {"TF32": 6})
+_NULLPTR = "pybind11::init(): factory function returned nullptr"  # what the bindings raise when TensorRT returns none
 
 
 class ILogger:
-    class Severity(enum.Enum):
+    class Severity(enum.IntEnum):
         INTERNAL_ERROR = 0
         ERROR = 1
         WARNING = 2
@@ -78,109 +86,117 @@ class ILogger:
         pass
 
 
-class _Tensor:
+def _cuda_init(logger) -> None:
+    """TensorRT that cannot start CUDA (a driver older than its CUDA, no visible GPU): it logs a warning and
+    returns no object, which the bindings raise as a TypeError."""
+    if os.environ.get("FAKE_TRT_FAIL") == "cuda_init":
+        logger.log(ILogger.Severity.WARNING, "CUDA initialization failure with error: 35. Please check your CUDA "
+                   "installation: http://docs.nvidia.com/cuda/cuda-installation-guide-linux/index.html")
+        raise TypeError(_NULLPTR)
+
+
+class ITensor:
     def __init__(self, name, shape, dtype):
-        self.name, self.shape, self.dtype = name, tuple(shape), dtype
+        self._name, self._shape, self._dtype = name, tuple(shape), dtype
+
+    name = property(lambda self: self._name)
+    shape = property(lambda self: self._shape)
+    dtype = property(lambda self: self._dtype)
 
 
 class INetworkDefinition:
     def __init__(self, flags):
-        self.flags = flags
-        self.inputs: list[_Tensor] = []
-        self.outputs: list[_Tensor] = []
+        self._flags = flags
+        self._inputs: list[ITensor] = []
+        self._outputs: list[ITensor] = []
 
     @property
-    def strongly_typed(self) -> bool:
-        return MAJOR >= 11 or bool(self.flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+    def _strongly_typed(self) -> bool:
+        return MAJOR >= 11 or bool(self._flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
 
-    num_inputs = property(lambda self: len(self.inputs))
-    num_outputs = property(lambda self: len(self.outputs))
+    num_inputs = property(lambda self: len(self._inputs))
+    num_outputs = property(lambda self: len(self._outputs))
 
-    def get_input(self, i):
-        return self.inputs[i]
+    def get_input(self, index):
+        return self._inputs[index]
 
-    def get_output(self, i):
-        return self.outputs[i]
+    def get_output(self, index):
+        return self._outputs[index]
 
 
 class OnnxParser:
     def __init__(self, network, logger):
-        self.network, self.logger, self.errors = network, logger, []
+        self._network, self._logger, self._errors = network, logger, []
 
-    def parse(self, data: bytes) -> bool:
+    def parse(self, model, path=None):
         import onnx
 
-        _record("parse", len(data))
+        _record("parse", len(model))
         if os.environ.get("FAKE_TRT_FAIL") == "parse":
-            self.errors.append("In node 3 (Conv): UNSUPPORTED_NODE: fake parser failure")
+            self._errors.append("In node 3 (Conv): UNSUPPORTED_NODE: fake parser failure")
             return False
-        model = onnx.load_from_string(data)
-        types = {}
-        for init in model.graph.initializer:
-            types[init.name] = init.data_type
-        self.graph_types = types
+        graph = onnx.load_from_string(model).graph
 
         def tensor(vi):
             dims = [d.dim_value if d.dim_value else -1 for d in vi.type.tensor_type.shape.dim]
-            return _Tensor(vi.name, dims, _ONNX[vi.type.tensor_type.elem_type])
+            return ITensor(vi.name, dims, _ONNX[vi.type.tensor_type.elem_type])
 
-        self.network.inputs = [tensor(v) for v in model.graph.input]
-        self.network.outputs = [tensor(v) for v in model.graph.output]
-        self.network.instance_norms = sum(n.op_type == "InstanceNormalization" for n in model.graph.node)
+        self._network._inputs = [tensor(v) for v in graph.input]
+        self._network._outputs = [tensor(v) for v in graph.output]
         return True
 
     @property
     def num_errors(self):
-        return len(self.errors)
+        return len(self._errors)
 
-    def get_error(self, i):
-        return self.errors[i]
+    def get_error(self, index):
+        return self._errors[index]
 
 
 class ITimingCache:
     def __init__(self, data: bytes):
-        self.entries = json.loads(data) if data else []
+        self._entries = json.loads(data) if data else []
 
     def serialize(self) -> bytes:
-        return json.dumps(self.entries).encode()
+        return json.dumps(self._entries).encode()
 
 
 class IOptimizationProfile:
     def __init__(self):
-        self.shapes = {}
+        self._shapes = {}
 
-    def set_shape(self, name, min, opt, max):
-        _record("set_shape", name, tuple(min), tuple(opt), tuple(max))
-        self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
+    def set_shape(self, input, min, opt, max):
+        _record("set_shape", input, tuple(min), tuple(opt), tuple(max))
+        self._shapes[input] = (tuple(min), tuple(opt), tuple(max))
 
 
 class IBuilderConfig:
     def __init__(self):
-        self.flags, self.profiles, self.pools, self.timing_cache = set(), [], {}, None
+        self._flags, self._profiles, self._pools, self._timing_cache = set(), [], {}, None
 
     def set_flag(self, flag):
         _record("set_flag", flag)
-        self.flags.add(flag)
+        self._flags.add(flag)
 
-    def set_memory_pool_limit(self, pool, size):
-        _record("set_memory_pool_limit", pool, size)
-        self.pools[pool] = size
+    def set_memory_pool_limit(self, pool, pool_size):
+        _record("set_memory_pool_limit", pool, pool_size)
+        self._pools[pool] = pool_size
 
-    def create_timing_cache(self, data):
-        _record("create_timing_cache", bytes(data))
+    def create_timing_cache(self, serialized_timing_cache):
+        _record("create_timing_cache", bytes(serialized_timing_cache))
         try:
-            return ITimingCache(bytes(data))
+            return ITimingCache(bytes(serialized_timing_cache))
         except ValueError:
             return None
 
     def set_timing_cache(self, cache, ignore_mismatch):
         _record("set_timing_cache", ignore_mismatch)
-        self.timing_cache = cache
+        self._timing_cache = cache
         return True
 
     def add_optimization_profile(self, profile):
-        self.profiles.append(profile)
-        return len(self.profiles) - 1
+        self._profiles.append(profile)
+        return len(self._profiles) - 1
 
 
 def _gpu():
@@ -189,7 +205,8 @@ def _gpu():
 
 class Builder:
     def __init__(self, logger):
-        self.logger = logger
+        _cuda_init(logger)
+        self._logger = logger
 
     def create_network(self, flags=0):
         _record("create_network", flags)
@@ -206,63 +223,66 @@ class Builder:
         error = None
         if os.environ.get("FAKE_TRT_FAIL") == "build":
             error = "Error Code 10: Internal Error (Could not find any implementation for node Conv_3.)"
-        elif network.strongly_typed and MAJOR == 10 and BuilderFlag.FP16 in config.flags:
+        elif network._strongly_typed and MAJOR == 10 and BuilderFlag.FP16 in config._flags:
             error = "Error Code 3: API Usage Error (BuilderFlag::kFP16 is not allowed with a strongly typed network)"
-        elif len(config.profiles) != 1 or any(d == -1 for d in network.inputs[0].shape[1:]):
+        elif len(config._profiles) != 1 or any(d == -1 for d in network._inputs[0].shape[1:]):
             error = "Error Code 4: Network has dynamic or shape inputs, but no optimization profile has been defined."
         if error:
-            self.logger.log(ILogger.Severity.ERROR, error)
+            self._logger.log(ILogger.Severity.ERROR, error)
             return None
-        inp, out = network.inputs[0], network.outputs[0]
-        lo, opt, hi = config.profiles[0].shapes[inp.name]
+        inp, out = network._inputs[0], network._outputs[0]
+        lo, opt, hi = config._profiles[0]._shapes[inp.name]
         gpu_name, cc = _gpu()
         plan = {"fake_trt_plan": 1, "tensorrt": __version__, "cc": cc, "gpu": gpu_name,
-                "strongly_typed": network.strongly_typed, "flags": sorted(int(f) for f in config.flags),
-                "input": [inp.name, list(inp.shape), inp.dtype.name], "output": [out.name, list(out.shape), out.dtype.name],
+                "strongly_typed": network._strongly_typed, "flags": sorted(int(f) for f in config._flags),
+                "input": [inp.name, list(inp.shape), inp.dtype.name],
+                "output": [out.name, list(out.shape), out.dtype.name],
                 "profile": [list(lo), list(opt), list(hi)]}
-        config.timing_cache.entries.append(f"{gpu_name}:{len(BUILDS)}")
+        config._timing_cache._entries.append(f"{gpu_name}:{len(BUILDS)}")
         BUILDS.append(plan)
         return json.dumps(plan).encode()
 
 
 class Runtime:
     def __init__(self, logger):
-        self.logger = logger
+        _cuda_init(logger)
+        self._logger = logger
 
-    def deserialize_cuda_engine(self, data):
-        _record("deserialize_cuda_engine", len(data))
+    def deserialize_cuda_engine(self, serialized_engine):
+        _record("deserialize_cuda_engine", len(serialized_engine))
         try:
-            plan = json.loads(bytes(data))
+            plan = json.loads(bytes(serialized_engine))
             assert plan["fake_trt_plan"] == 1
         except (ValueError, KeyError, AssertionError):
-            self.logger.log(ILogger.Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
-                            "(Serialization assertion plan->header.magicTag == rt::kPLAN_MAGIC_TAG failed.)")
+            self._logger.log(ILogger.Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
+                             "(Serialization assertion plan->header.magicTag == rt::kPLAN_MAGIC_TAG failed.)")
             return None
         if plan["tensorrt"] != __version__:
-            self.logger.log(ILogger.Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
-                            f"(Version tag does not match. Current Version: {__version__}, Serialized Engine "
-                            f"Version: {plan['tensorrt']})")
+            self._logger.log(ILogger.Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
+                             f"(Version tag does not match. Current Version: {__version__}, Serialized Engine "
+                             f"Version: {plan['tensorrt']})")
             return None
         if plan["cc"] != _gpu()[1]:
-            self.logger.log(ILogger.Severity.ERROR, "The engine plan file is generated on an incompatible device, "
-                            f"expecting compute {_gpu()[1]} got compute {plan['cc']}, please rebuild.")
+            self._logger.log(ILogger.Severity.ERROR, "The engine plan file is generated on an incompatible device, "
+                             f"expecting compute {_gpu()[1]} got compute {plan['cc']}, please rebuild.")
             return None
-        return ICudaEngine(plan, self.logger)
+        return ICudaEngine(plan, self._logger)
 
 
 class ICudaEngine:
     def __init__(self, plan, logger):
-        self.plan, self.logger = plan, logger
-        self.num_io_tensors = 2
+        self._plan, self._logger = plan, logger
+
+    num_io_tensors = property(lambda self: 2)
 
     def _io(self, name):
         for key in ("input", "output"):
-            if self.plan[key][0] == name:
-                return key, self.plan[key]
+            if self._plan[key][0] == name:
+                return key, self._plan[key]
         raise KeyError(name)
 
-    def get_tensor_name(self, i):
-        return self.plan[("input", "output")[i]][0]
+    def get_tensor_name(self, index):
+        return self._plan[("input", "output")[index]][0]
 
     def get_tensor_mode(self, name):
         return TensorIOMode.INPUT if self._io(name)[0] == "input" else TensorIOMode.OUTPUT
@@ -272,51 +292,51 @@ class ICudaEngine:
 
     def get_tensor_profile_shape(self, name, profile_index):
         assert self._io(name)[0] == "input" and profile_index == 0
-        return [tuple(s) for s in self.plan["profile"]]
+        return [tuple(s) for s in self._plan["profile"]]
 
-    def create_execution_context(self):
+    def create_execution_context(self, strategy=None):
         _record("create_execution_context")
         if os.environ.get("FAKE_TRT_FAIL") == "context":
-            self.logger.log(ILogger.Severity.ERROR, "Error Code 2: OutOfMemory (Requested size was 4096 bytes.)")
+            self._logger.log(ILogger.Severity.ERROR, "Error Code 2: OutOfMemory (Requested size was 4096 bytes.)")
             return None
         return IExecutionContext(self)
 
 
 class IExecutionContext:
     def __init__(self, engine):
-        self.engine, self.shape, self.addresses = engine, None, {}
+        self._engine, self._shape, self._addresses = engine, None, {}
 
     def set_input_shape(self, name, shape):
         shape = tuple(int(d) for d in shape)
         _record("set_input_shape", name, shape)
-        lo, _, hi = self.engine.plan["profile"]
+        lo, _, hi = self._engine._plan["profile"]
         if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
-            self.engine.logger.log(ILogger.Severity.ERROR, f"setInputShape: shape {shape} is outside the profile "
-                                   f"[{lo}, {hi}]")
+            self._engine._logger.log(ILogger.Severity.ERROR, f"setInputShape: shape {shape} is outside the profile "
+                                     f"[{lo}, {hi}]")
             return False
-        self.shape = shape
+        self._shape = shape
         return True
 
     def get_tensor_shape(self, name):
-        if self.engine._io(name)[0] == "input":
-            return self.shape
-        k = self.engine.plan["output"][1][1]
-        return (self.shape[0], k, *self.shape[2:])
+        if self._engine._io(name)[0] == "input":
+            return self._shape
+        k = self._engine._plan["output"][1][1]
+        return (self._shape[0], k, *self._shape[2:])
 
-    def set_tensor_address(self, name, ptr):
-        _record("set_tensor_address", name, int(ptr))
-        self.addresses[name] = int(ptr)
+    def set_tensor_address(self, name, memory):
+        _record("set_tensor_address", name, int(memory))
+        self._addresses[name] = int(memory)
         return True
 
     def execute_async_v3(self, stream_handle):
         _record("execute_async_v3", int(stream_handle))
-        plan = self.engine.plan
+        plan = self._engine._plan
         (iname, _, idt), (oname, _, odt) = plan["input"], plan["output"]
-        if self.shape is None or iname not in self.addresses or oname not in self.addresses:
-            self.engine.logger.log(ILogger.Severity.ERROR, "enqueueV3: input shape or tensor address not set")
+        if self._shape is None or iname not in self._addresses or oname not in self._addresses:
+            self._engine._logger.log(ILogger.Severity.ERROR, "enqueueV3: input shape or tensor address not set")
             return False
-        x = self._view(self.addresses[iname], self.shape, _NP[DataType[idt]])
-        y = self._view(self.addresses[oname], self.get_tensor_shape(oname), _NP[DataType[odt]])
+        x = self._view(self._addresses[iname], self._shape, _NP[DataType[idt]])
+        y = self._view(self._addresses[oname], self.get_tensor_shape(oname), _NP[DataType[odt]])
         k = np.arange(y.shape[1], dtype=np.float32).reshape(1, -1, *([1] * (y.ndim - 2)))
         y[...] = (x[:, :1].astype(np.float32) * (k + 1) + k).astype(y.dtype)
         return True
