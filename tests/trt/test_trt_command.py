@@ -74,3 +74,16 @@ def test_without_tensorrt(gpu_stack, capsys):
     gpu_stack(tensorrt=False)
     rc, _, err = run(capsys)
     assert rc == 4 and "flare-rt: error: TensorRT is not installed" in err
+
+
+def test_a_tensorrt_that_cannot_start_is_one_line(gpu_stack, capsys, monkeypatch):
+    """Baking on a machine whose TensorRT cannot start CUDA: exit 4, one error line with TensorRT's reason,
+    no traceback, no engine file."""
+    stack = gpu_stack()
+    monkeypatch.setenv("FAKE_TRT_FAIL", "cuda_init")
+    rc, out, err = run(capsys)
+    errors = [x for x in err.splitlines() if x.startswith("flare-rt: error:")]
+    assert rc == 4 and out == {} and "Traceback" not in err and len(errors) == 1
+    assert errors[0].startswith("flare-rt: error: TensorRT could not create its builder (warning: CUDA "
+                                "initialization failure with error: 35.")
+    assert not list(stack.cache.glob("*.engine"))
