@@ -60,6 +60,24 @@ def check_writable(folder: str | Path) -> Path:
     return folder
 
 
+def check_new_outputs(paths, overwrite: bool, sources=()) -> list[Path]:
+    """Before any work whose result would go to ``paths``: refuse an output that is one of ``sources``
+    (however spelled), a folder, or an existing file unless ``overwrite``, and prove each output folder
+    writable (:func:`check_writable`); :class:`OutputError` naming the path otherwise."""
+    paths = [Path(p) for p in paths]
+    inputs = {Path(s).resolve() for s in sources}
+    for path in paths:
+        if path.resolve() in inputs:
+            raise OutputError(f"{path}: output would overwrite the input; choose another output path")
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder; give the output file's name")
+        if path.exists() and not overwrite:
+            raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+    for folder in dict.fromkeys(p.parent for p in paths):
+        check_writable(folder)
+    return paths
+
+
 @contextmanager
 def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on a clean exit it replaces ``path`` atomically (same folder,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .atomic import check_writable
+from .atomic import check_new_outputs, check_writable
 from .errors import ConfigError, FlareError, InputImageError
 from .resources import default_model
 
@@ -113,15 +113,9 @@ def segment_single(src: Path, dst: Path, options, args) -> int:
 
     t0 = time.perf_counter()
     dst = _output_path(src, dst)
-    if dst.resolve() == src.resolve():
-        raise InputImageError(f"{dst}: output would overwrite the input")
     outputs = case_outputs(dst, args)
-    if not args.overwrite:
-        for path in outputs.files(options.probabilities):
-            if path.exists():
-                raise InputImageError(f"{path}: exists; pass --overwrite to replace it")
-    extras = [Path(p) for p in (args.report, args.save_network_labels) if p]
-    for folder in dict.fromkeys(p.parent for p in [*outputs.files(options.probabilities), *extras]):
+    check_new_outputs(outputs.files(options.probabilities), args.overwrite, sources=[src])
+    for folder in dict.fromkeys(Path(p).parent for p in (args.report, args.save_network_labels) if p):
         check_writable(folder)
     timer = StageTimer()
     vol, seg = _read_and_load(src, options, args, timer)
@@ -217,7 +211,7 @@ def cmd_import_nnunet(args) -> int:
     from .nets.unet import load_weights
     from .nnunet import read_nnunet_model
 
-    check_writable(Path(args.bundle).parent)
+    check_new_outputs([args.bundle], args.overwrite, sources=[args.model_dir])
     model = read_nnunet_model(args.model_dir, args.configuration, args.fold, args.checkpoint, args.trust_checkpoint)
     meta = model.meta
     if args.orientation:
@@ -238,8 +232,8 @@ def cmd_export(args) -> int:
     from .export import default_check_inputs, export_bundle
     from .nets import network_from_bundle
 
+    check_new_outputs([args.output], args.overwrite, sources=[args.bundle])
     b = Bundle.load(args.bundle)
-    check_writable(Path(args.output).parent)
     net = network_from_bundle(b)
     path, results = export_bundle(net, b.meta, args.output, args.precision, default_check_inputs(b.meta))
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
@@ -312,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "nnU-Net on axial CTs), stored (the array order whatever it is), or a code such as LPS")
     m.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint")
     m.add_argument("--demo", action="store_true", help="mark the bundle as a coarse demonstration model")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing BUNDLE")
     common(m)
     m.set_defaults(func=cmd_import_nnunet)
 
@@ -319,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("bundle")
     e.add_argument("output")
     e.add_argument("--precision", choices=["fp32", "fp16"], default="fp16")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     common(e)
     e.set_defaults(func=cmd_export)
 

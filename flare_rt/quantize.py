@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .agreement import MIN_VOXELS, label_agreement
-from .atomic import check_writable
+from .atomic import check_new_outputs, check_writable
 from .backends.base import Backend, BackendOptions
 from .bundle import VARIANT_FORMAT_VERSION, Bundle, write_bundle
 from .devices import cpu_name
@@ -284,6 +284,7 @@ def cmd_quantize(args) -> int:
     options = QuantizeOptions(precision=args.precision, backend=args.backend, method=args.method,
                               max_patches=args.max_patches, keep_last_fp32=not args.quantize_last,
                               threads=args.threads, mode=args.mode)
+    check_new_outputs([args.output], args.overwrite, sources=[args.bundle])
     quantize(args.bundle, args.output, options, args.calibration, args.check or [])
     return 0
 
@@ -308,6 +309,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--quantize-last", action="store_true", help="int8: quantise the output convolution too")
     q.add_argument("--mode", choices=["fast", "faithful"], default="fast", help="pipeline mode of tiles and checks")
     q.add_argument("--threads", type=int, default=None, help="CPU threads")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     q.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     q.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     q.set_defaults(func=cmd_quantize)

@@ -290,7 +290,7 @@ def test_output_equal_to_input(capsys, tmp_path, ct_path, spelling):
     before, mtime = src.read_bytes(), src.stat().st_mtime_ns
     dst = src if spelling == "same" else folder / ".." / "case" / "ct.nii.gz"
     rc, err = run(capsys, src, dst)
-    assert_refused(rc, err, dst, "overwrite the input")
+    assert_refused(rc, err, dst, "overwrite the input", code=OUTPUT_ERROR)
     assert src.read_bytes() == before and src.stat().st_mtime_ns == mtime
     assert sorted(p.name for p in folder.iterdir()) == ["ct.nii.gz"]
 
@@ -300,7 +300,7 @@ def test_existing_output_without_overwrite(capsys, out_dir, ct_path):
     out.write_bytes(b"an earlier result")
     os.utime(out, ns=(1_000_000_000, 1_000_000_000))
     rc, err = run(capsys, ct_path, out)
-    assert_refused(rc, err, out, "exists", "--overwrite")
+    assert_refused(rc, err, out, "exists", "--overwrite", code=OUTPUT_ERROR)
     assert out.read_bytes() == b"an earlier result"
     assert out.stat().st_mtime_ns == 1_000_000_000
     assert sorted(p.name for p in out_dir.iterdir()) == ["seg.nii.gz"]

@@ -66,7 +66,7 @@ def test_statistics_and_preview_of_one_case(tmp_path, small_ct_path):
     stats = tmp_path / "elsewhere" / "s.json"
     rc = main(["segment", str(small_ct_path), str(out), "--statistics", str(stats), "--overwrite", "-q", *QUICK])
     assert rc == 0 and json.loads(stats.read_text())["structures"] == report["structures"]
-    assert main(["segment", str(small_ct_path), str(tmp_path / "new.nii.gz"), "--statistics", str(stats), "-q"]) == 2
+    assert main(["segment", str(small_ct_path), str(tmp_path / "new.nii.gz"), "--statistics", str(stats), "-q"]) == 8
 
 
 def test_folder_statistics_csv_has_a_row_per_case(tmp_path, small_ct_path):

@@ -114,7 +114,8 @@ def test_onnx_vs_pytorch_on_random_and_real_patches(nnunet_net, fp32_bundle, rea
 
 def test_fp16_bundle_keeps_instance_norm_in_fp32(fp32_bundle, tmp_path):
     out = tmp_path / "fp16.onnx"
-    assert main(["export", str(fp32_bundle), str(out), "--precision", "fp16", "-q"]) == 0
+    out.write_bytes(b"an earlier export")  # replaced with --overwrite
+    assert main(["export", str(fp32_bundle), str(out), "--precision", "fp16", "--overwrite", "-q"]) == 0
     model = Bundle.load(out).load_onnx()
     inits = initializers(model)
     norm_params = {n for node in model.graph.node if node.op_type == "InstanceNormalization" for n in node.input[1:]}
@@ -258,6 +259,35 @@ def test_output_that_cannot_be_written_is_refused_before_the_import(demo_nnunet_
         rc = main([*argv, str(blocker / "out.onnx"), "-q"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 8 and len(err) == 1 and f"{blocker}: cannot write" in err[0] and "not a folder" in err[0], err
+
+
+@pytest.mark.parametrize("command", ["import-nnunet", "export", "quantize"])
+def test_an_existing_output_or_the_input_is_refused_before_any_work(command, demo_nnunet_dir, fp32_bundle, tmp_path,
+                                                                   capsys, monkeypatch):
+    """Model-writing commands, like segment: an existing output only with --overwrite, never the input."""
+    from cli_errors import one_error_line
+
+    for name in ("flare_rt.nnunet.read_nnunet_model", "flare_rt.bundle.Bundle.load"):
+        monkeypatch.setattr(name, lambda *a, **k: pytest.fail("read the model before checking the output"))
+    source = demo_nnunet_dir if command == "import-nnunet" else fp32_bundle
+    extra = ["--precision", "int8"] if command == "quantize" else []
+    earlier = tmp_path / "earlier.onnx"
+    earlier.write_bytes(b"an earlier bundle")
+    rc = main([command, str(source), str(earlier), *extra, "-q"])
+    assert rc == 8
+    line = one_error_line(capsys)
+    assert f"{earlier}: exists; pass --overwrite to replace it" in line
+    assert earlier.read_bytes() == b"an earlier bundle"
+    if command != "import-nnunet":  # a bundle exported over itself, however spelled, even with --overwrite
+        same = fp32_bundle.parent / ".." / fp32_bundle.parent.name / fp32_bundle.name
+        before = fp32_bundle.read_bytes()
+        rc = main([command, str(fp32_bundle), str(same), *extra, "--overwrite", "-q"])
+        assert rc == 8 and "output would overwrite the input" in one_error_line(capsys)
+        assert fp32_bundle.read_bytes() == before
+    folder = tmp_path / "folder.onnx"
+    folder.mkdir()
+    rc = main([command, str(source), str(folder), *extra, "--overwrite", "-q"])
+    assert rc == 8 and f"{folder}: is a folder" in one_error_line(capsys)
 
 
 def identity_onnx_with_metadata(path, metadata: str):

@@ -26,12 +26,14 @@ def sh(script: str, *args, env: dict | None = None, cwd: Path | None = None) -> 
 
 @pytest.mark.slow
 def test_bundles_from_an_nnunet_folder(demo_nnunet_dir, tmp_path):
-    r = sh("bundles.sh", demo_nnunet_dir, tmp_path / "out", "demo", env={"FLARE_RT_IMPORT_ARGS": "--demo"})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "demo_fp32.onnx").write_bytes(b"an earlier bundle")  # replaced: FLARE_RT_OVERWRITE=1
+    r = sh("bundles.sh", demo_nnunet_dir, out, "demo", env={"FLARE_RT_IMPORT_ARGS": "--demo", "FLARE_RT_OVERWRITE": "1"})
     assert r.returncode == 0, r.stderr
     from flare_rt.bundle import Bundle
     from flare_rt.onnx_graph import non_fp32_norms
 
-    out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["demo_fp16.onnx", "demo_fp32.onnx"]
     fp32, fp16 = Bundle.load(out / "demo_fp32.onnx"), Bundle.load(out / "demo_fp16.onnx")
     assert (fp32.meta.precision, fp16.meta.precision) == ("fp32", "fp16") and fp16.meta.demo
@@ -45,6 +47,16 @@ def test_bundles_refuses_an_unknown_source(tmp_path):
     assert r.returncode == 2 and "neither an nnU-Net model folder (with plans.json) nor a bundle file" in r.stderr
     r = sh("bundles.sh")
     assert r.returncode != 0 and "usage: export/bundles.sh SOURCE OUT_DIR [NAME]" in r.stderr
+
+
+def test_bundles_refuses_existing_bundles_before_any_work(demo_nnunet_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "demo_fp16.onnx").write_bytes(b"an earlier bundle")  # the second of the two: nothing is made
+    r = sh("bundles.sh", demo_nnunet_dir, out, "demo")
+    assert r.returncode == 8 and f"{out}/demo_fp16.onnx exists; set FLARE_RT_OVERWRITE=1 to replace it" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["demo_fp16.onnx"]
+    assert (out / "demo_fp16.onnx").read_bytes() == b"an earlier bundle"
 
 
 def fake_gpu_env(tmp_path, gpu="Quadro RTX 5000", cc="7.5") -> dict:
