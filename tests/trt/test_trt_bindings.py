@@ -11,6 +11,7 @@ when CUDA cannot start) the real bindings import, and these tests show:
   real version has them; the methods whose result flare-rt tests for success return ``bool``;
 - flare-rt's own code runs on the real module: its logger subclasses the real ``ILogger`` and receives a
   message sent from C through the real trampoline, the strongly typed flag and numpy types come out right,
+  the tuples it passes where TensorRT declares ``Dims`` are converted (floats refused, in the double too),
   and a TensorRT that cannot start is one line (the double fails the same way, with the same exception).
 
 No engine is built or run here: that waits for a GPU with TensorRT (``test_trt_gpu.py``). Other versions:
@@ -25,6 +26,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from trt_bindings import BINDINGS_ENV, build_stubs, extra_sites, installed_site, surface
 from trt_doubles import FAKES, TRT10, TRT11, load_fake
@@ -175,6 +177,25 @@ def test_flare_rt_runs_on_the_real_module(real):
                                  "a ERROR message"]
     assert run["network_flags"] == 1 << enums["NetworkDefinitionCreationFlag"]["STRONGLY_TYPED"]
     assert run["nptype"] == {"FLOAT": "float32", "HALF": "float16"}
+
+
+def test_tuples_of_ints_are_taken_where_tensorrt_declares_dims(real, fake):
+    """flare-rt passes tuples to set_shape (declared Dims) and set_input_shape: the real bindings convert a tuple
+    or list of ints (numpy ints too) to Dims implicitly, as shown on the one Dims parameter a machine without a
+    GPU can reach, and refuse floats; the double takes and refuses the same."""
+    declared, probes = real["dims"]["declared"], real["dims"]["probes"]
+    dims = next(t for t in declared["Dims.__setitem__"][-1].values() if t.endswith(".Dims"))
+    assert declared["IOptimizationProfile.set_shape"] == [{"input": "str", "min": dims, "opt": dims, "max": dims}]
+    assert {"name": "str", "shape": dims} in declared["IExecutionContext.set_input_shape"]
+    assert declared["Dims.__setitem__"][-1] == {"arg0": "slice", "arg1": dims}
+    taken = {"tuple": (7, 8), "list": [7, 8], "numpy ints": (np.int64(7), np.int32(8))}
+    for label, value in taken.items():
+        assert probes[label] == ["ok", "", [7, 8, 3]], (label, probes[label])
+        fake.IOptimizationProfile().set_shape("image", value, value, value)
+    kind, line, after = probes["floats"]
+    assert kind == "TypeError" and "incompatible function arguments" in line and after == [1, 2, 3]
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        fake.IOptimizationProfile().set_shape("image", (7.0, 8.0), (7, 8), (7, 8))
 
 
 def test_a_tensorrt_that_cannot_start_is_one_line_not_pybind11_s_typeerror(real, fake):

@@ -112,6 +112,34 @@ def raw_bindings() -> dict:
     return {**made, "messages": recorder.messages}
 
 
+def declared_types(dotted: str) -> list[dict]:
+    """Each overload of a method as {parameter: declared type} (from its pybind11 docstring)."""
+    name = dotted.rsplit(".", 1)[-1]
+    found = []
+    for line in (resolve(dotted).__doc__ or "").splitlines():
+        m = re.match(rf"^\s*(?:\d+\.\s+)?{re.escape(name)}\((.*)\)", line.strip())
+        if m and m.group(1) != "*args, **kwargs":
+            parts = [part.split("=", 1)[0].split(":", 1) for part in split_top(m.group(1))]
+            found.append({k.strip(): v.strip() for k, v in parts if k.strip() != "self"})
+    return found
+
+
+def tuples_as_dims() -> dict:
+    """Whether a tuple of ints is taken where the bindings declare ``Dims`` (flare-rt passes tuples to
+    ``set_shape`` and ``set_input_shape``). pybind11 applies a registered implicit conversion to every
+    parameter of that type; the one such parameter reachable without a GPU is ``Dims.__setitem__(slice,
+    Dims)``."""
+    trt = tensorrt_bindings
+    probes = {}
+    for label, value in (("tuple", (7, 8)), ("list", [7, 8]), ("numpy ints", (np.int64(7), np.int32(8))),
+                         ("floats", (7.0, 8.0))):
+        dims = trt.Dims((1, 2, 3))
+        probes[label] = [*outcome(lambda: dims.__setitem__(slice(0, 2), value)), list(dims)]
+    declared = {m: declared_types(m) for m in ("IOptimizationProfile.set_shape", "IExecutionContext.set_input_shape",
+                                               "Dims.__setitem__")}
+    return {"probes": probes, "declared": declared}
+
+
 def flare_rt_on_real_module() -> dict:
     """flare-rt's TensorRT code with the real module: every TensorRT object it creates fails to be made (the
     stubs), so this reaches as far as a machine without TensorRT's libraries allows."""
@@ -138,4 +166,5 @@ def flare_rt_on_real_module() -> dict:
 
 
 if __name__ == "__main__":
-    json.dump({"api": api(), "raw": raw_bindings(), "flare_rt": flare_rt_on_real_module()}, sys.stdout)
+    json.dump({"api": api(), "raw": raw_bindings(), "dims": tuples_as_dims(), "flare_rt": flare_rt_on_real_module()},
+              sys.stdout)

@@ -95,6 +95,15 @@ def _cuda_init(logger) -> None:
         raise TypeError(_NULLPTR)
 
 
+def _dims(value) -> tuple[int, ...]:
+    """What the bindings take where they declare ``Dims``: a Dims, or a tuple or list of ints (numpy ints
+    too), by pybind11's implicit conversion; anything else (floats) is a TypeError."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else None
+    if items is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in items):
+        raise TypeError(f"incompatible function arguments: Dims expected, got {value!r}")
+    return tuple(int(d) for d in items)
+
+
 class ITensor:
     def __init__(self, name, shape, dtype):
         self._name, self._shape, self._dtype = name, tuple(shape), dtype
@@ -166,8 +175,9 @@ class IOptimizationProfile:
         self._shapes = {}
 
     def set_shape(self, input, min, opt, max):
-        _record("set_shape", input, tuple(min), tuple(opt), tuple(max))
-        self._shapes[input] = (tuple(min), tuple(opt), tuple(max))
+        min, opt, max = _dims(min), _dims(opt), _dims(max)
+        _record("set_shape", input, min, opt, max)
+        self._shapes[input] = (min, opt, max)
 
 
 class IBuilderConfig:
@@ -307,7 +317,7 @@ class IExecutionContext:
         self._engine, self._shape, self._addresses = engine, None, {}
 
     def set_input_shape(self, name, shape):
-        shape = tuple(int(d) for d in shape)
+        shape = _dims(shape)
         _record("set_input_shape", name, shape)
         lo, _, hi = self._engine._plan["profile"]
         if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
