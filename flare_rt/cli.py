@@ -114,9 +114,8 @@ def segment_single(src: Path, dst: Path, options, args) -> int:
     t0 = time.perf_counter()
     dst = _output_path(src, dst)
     outputs = case_outputs(dst, args)
-    check_new_outputs(outputs.files(options.probabilities), args.overwrite, sources=[src])
-    for folder in dict.fromkeys(Path(p).parent for p in (args.report, args.save_network_labels) if p):
-        check_writable(folder)
+    extras = [p for p in (args.report, args.save_network_labels) if p]
+    check_new_outputs([*outputs.files(options.probabilities), *extras], args.overwrite, sources=[src])
     timer = StageTimer()
     vol, seg = _read_and_load(src, options, args, timer)
     pred = seg.segment_volume(vol, outputs, timer)

@@ -306,6 +306,15 @@ def test_existing_output_without_overwrite(capsys, out_dir, ct_path):
     assert sorted(p.name for p in out_dir.iterdir()) == ["seg.nii.gz"]
 
 
+@pytest.mark.parametrize("option", ["--report", "--save-network-labels"])
+def test_an_existing_report_is_an_existing_output_too(capsys, out_dir, ct_path, option):
+    extra = out_dir / ("report.json" if option == "--report" else "network.npz")
+    extra.write_text("an earlier run")
+    rc, err = run(capsys, ct_path, out_dir / "seg.nii.gz", option, extra)
+    assert_refused(rc, err, extra, "exists", "--overwrite", code=OUTPUT_ERROR)
+    assert sorted(p.name for p in out_dir.iterdir()) == [extra.name] and extra.read_text() == "an earlier run"
+
+
 # -- DICOM folders ------------------------------------------------------------------------------------------
 def test_dicom_with_missing_slice(capsys, tmp_path, out_dir, shared_data):
     src = tmp_path / "dicom_gap"
