@@ -507,7 +507,7 @@ def ensure_bundle(args) -> tuple[Path, str | None]:
     args.cache.mkdir(parents=True, exist_ok=True)
     log.info("creating the flare-rt bundle %s from %s (once)", bundle, args.model_dir)
     res = run_monitored([sys.executable, "-m", "flare_rt", "import-nnunet", str(args.model_dir), str(bundle),
-                         "--fold", args.fold, "--precision", "fp32"], args.cache / "import-nnunet",
+                         "--fold", args.fold, "--precision", "fp32", "--overwrite"], args.cache / "import-nnunet",
                         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout_s=args.timeout)
     if not res.ok:
         log.error("flare-rt import-nnunet failed (rc=%s): flare-rt systems will be reported as failed\n%s",
@@ -523,7 +523,7 @@ def variant_command(fp32: Path, out: Path, precision: str, cache: Path, threads:
 
     cmd = [sys.executable, "-m", "flare_rt", "quantize", str(fp32), str(out), "--precision", precision,
            "--check", str(CASES["ircad01"].locate(cache)), "--check", str(CASES["ts269"].locate(cache)),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--overwrite"]  # made when absent, or again with --rebuild-bundle
     return cmd + (["--calibration", str(DATA / "ts_dicom")] if precision == "int8" else [])
 
 
