@@ -134,20 +134,24 @@ def segment_single(src: Path, dst: Path, options, args) -> int:
 def segment_folder(src: Path, dst: Path, options, args) -> int:
     from tqdm import tqdm
 
-    from .folder import CaseReport, CaseStages, list_cases, other_images, parse_part, run_folder, summary_table
+    from .folder import (CaseReport, CaseStages, list_cases, other_images, outcome_records, parse_part, run_folder,
+                         status_counts, summary_table)
     from .io import load_volume
     from .pipeline import StageTimer
 
     t0 = time.perf_counter()
     check_writable(dst)
-    if isinstance(args.statistics, str):
-        check_writable(Path(args.statistics).parent)
+    for path in (args.statistics, args.report):  # folder mode rewrites them each run, as its table
+        if isinstance(path, str):
+            check_writable(Path(path).parent)
     cases = list_cases(src, dst, parse_part(args.part))
     others = other_images(src)
     if others:
         log.warning("%s: %d image file(s) not named *_0000.nii.gz are not segmented: %s", src, len(others),
                     ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
+    t_load = time.perf_counter()
     seg = load_segmenter(args, options, progress=False)
+    load_s = time.perf_counter() - t_load
 
     def read(case):
         timer = StageTimer()
@@ -170,6 +174,11 @@ def segment_folder(src: Path, dst: Path, options, args) -> int:
 
         csv = dst / "statistics.csv" if args.statistics is True else Path(args.statistics)
         write_folder_csv(dst, csv)
+    if args.report:
+        _write_json(args.report, {"input": str(src), "output": str(dst), "mode": options.mode,
+                                  "backend": seg.backend.describe(), "model_load_s": round(load_s, 3),
+                                  "total_s": round(time.perf_counter() - t0, 3), "counts": status_counts(outcomes),
+                                  "cases": outcome_records(outcomes)})
     if not args.quiet:
         sys.stdout.write(summary_table(outcomes) + "\n")
     failures = [o for o in outcomes if o.status == "failed"]
@@ -183,16 +192,19 @@ def segment_folder(src: Path, dst: Path, options, args) -> int:
 
 
 def _write_report(path, src, dst, pred, backend, options, total: float) -> None:
+    # model_load: what loading the model added to the run (on the CPU it overlaps the read)
+    _write_json(path, {"input": str(src), "output": str(dst), "mode": options.mode, "backend": backend.describe(),
+                       "timings_s": {**pred.timings, "model_load": total - sum(pred.timings.values())},
+                       "total_s": total, "tiles": pred.tiles, "network_shape": list(pred.network_shape)})
+
+
+def _write_json(path, obj) -> None:
     import json
 
     from .atomic import atomic_path
 
-    # model_load: what loading the model added to the run (on the CPU it overlaps the read)
-    report = {"input": str(src), "output": str(dst), "mode": options.mode, "backend": backend.describe(),
-              "timings_s": {**pred.timings, "model_load": total - sum(pred.timings.values())},
-              "total_s": total, "tiles": pred.tiles, "network_shape": list(pred.network_shape)}
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 # -- info / import / export --------------------------------------------------------------------------
@@ -282,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fast-option", action="append", metavar="KEY=VALUE",
                    help="tune fast mode: roi=0/1, roi_crop=0/1, body_threshold_hu, body_margin, "
                         "label_upsampling=0/1, compute_dtype=float32/float64 (repeatable)")
-    s.add_argument("--report", help="write stage timings and tile counts of a single-file run as JSON")
+    s.add_argument("--report", help="write stage timings and tile counts as JSON; folder mode: each case's status, "
+                                    "time, tiles, stage timings and failure, the model load and total time")
     s.add_argument("--save-network-labels", metavar="PATH.npz",
                    help="single file: also save the argmax at network resolution (what precision checks compare)")
     common(s)

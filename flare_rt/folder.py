@@ -47,6 +47,7 @@ class CaseOutcome:
     seconds: float = 0.0  # from the start of its compute to the end of its write
     tiles: int | None = None
     reason: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # stage seconds of a case segmented here
 
 
 def is_case_folder(path: Path) -> bool:
@@ -164,7 +165,7 @@ def run_folder(cases: Iterable[Case], out: Path, stages: CaseStages | Callable[[
                 done(i, CaseOutcome(case, FAILED, written[i] - t0, reason=reason))
             else:
                 claim.succeed()
-                done(i, CaseOutcome(case, DONE, written[i] - t0, report.tiles))
+                done(i, CaseOutcome(case, DONE, written[i] - t0, report.tiles, timings=dict(report.timings)))
             finally:
                 claim.release()
 
@@ -220,6 +221,19 @@ def summary_table(outcomes: list[CaseOutcome]) -> str:
     lines = ["  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    counts = {s: sum(o.status == s for o in outcomes) for s in (DONE, EXISTS, CLAIMED, FAILED, FAILED_ELSEWHERE)}
-    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no cases")
+    lines.append(", ".join(f"{n} {s}" for s, n in status_counts(outcomes).items() if n) or "no cases")
     return "\n".join(lines)
+
+
+def status_counts(outcomes: list[CaseOutcome]) -> dict[str, int]:
+    """How many cases ended in each status (every status, zeros included, in a fixed order)."""
+    return {s: sum(o.status == s for o in outcomes) for s in (DONE, EXISTS, CLAIMED, FAILED, FAILED_ELSEWHERE)}
+
+
+def outcome_records(outcomes: list[CaseOutcome]) -> list[dict]:
+    """One JSON-ready record per case: names, status, seconds, tiles and stage timings where this worker
+    segmented it, the reason where it failed."""
+    return [{"case": o.case.name, "image": str(o.case.image), "output": str(o.case.output), "status": o.status,
+             "seconds": o.seconds if o.status in (DONE, FAILED) else None, "tiles": o.tiles,
+             "timings_s": dict(o.timings), "reason": o.reason or None}
+            for o in outcomes]

@@ -107,13 +107,22 @@ def test_first_run(first_run, ct, cases):
     assert "2 done, 1 failed" in stdout
 
 
-def test_rerun_without_overwrite_skips_existing(capsys, first_run, cases):
+def read_report(path: Path) -> tuple[dict, dict[str, dict]]:
+    """A folder run's --report: the run's fields and case -> its record."""
+    import json
+
+    report = json.loads(path.read_text())
+    return report, {c["case"]: c for c in report["cases"]}
+
+
+def test_rerun_without_overwrite_skips_existing(capsys, first_run, cases, tmp_path):
     _, out, _, _ = first_run
     capsys.readouterr()
     for name in ("a", "b"):
         os.utime(out / f"{name}.nii.gz", ns=(OLD_NS, OLD_NS))
     before = {name: (out / f"{name}.nii.gz").read_bytes() for name in ("a", "b")}
-    rc, stdout, err = run(capsys, cases, out, *QUICK)
+    (tmp_path / "run.json").write_text("an earlier run's report: folder mode rewrites it")
+    rc, stdout, err = run(capsys, cases, out, *QUICK, "--report", tmp_path / "run.json")
     assert rc == 1  # c still fails: a later run retries the failures of earlier ones
     check_failure_report(err)
     for name in ("a", "b"):
@@ -122,16 +131,34 @@ def test_rerun_without_overwrite_skips_existing(capsys, first_run, cases):
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz"]
     rows = table_rows(stdout)
     assert rows["a"][2] == rows["b"][2] == EXISTS
+    report, by_case = read_report(tmp_path / "run.json")
+    assert report["counts"] == {"done": 0, "exists": 2, "claimed": 0, "failed": 1, "failed elsewhere": 0}
+    assert by_case["a"] == {"case": "a", "image": str(cases / "a_0000.nii.gz"), "output": str(out / "a.nii.gz"),
+                            "status": EXISTS, "seconds": None, "tiles": None, "timings_s": {}, "reason": None}
+    assert by_case["c"]["status"] == FAILED and "corrupt" in by_case["c"]["reason"]
 
 
-def test_overwrite_redoes_and_saves_probabilities(capsys, first_run, cases, ct):
+def test_overwrite_redoes_and_saves_probabilities(capsys, first_run, cases, ct, tmp_path):
     _, out, _, _ = first_run
     capsys.readouterr()
     for name in ("a", "b"):
         os.utime(out / f"{name}.nii.gz", ns=(OLD_NS, OLD_NS))
-    rc, _, err = run(capsys, cases, out, "--overwrite", "--save-probabilities", "-q", *QUICK)
+    rc, stdout, err = run(capsys, cases, out, "--overwrite", "--save-probabilities", "--report", tmp_path / "run.json",
+                          *QUICK)
     assert rc == 1
     check_failure_report(err)
+    # the report says what the table says, with each case's stages
+    report, by_case = read_report(tmp_path / "run.json")
+    assert (report["input"], report["output"], report["mode"]) == (str(cases), str(out), "fast")
+    assert " on cpu" in report["backend"] and 0 < report["model_load_s"] < report["total_s"]
+    assert report["counts"]["done"] == 2 and report["counts"]["failed"] == 1
+    rows = table_rows(stdout)
+    for name in ("a", "b"):
+        case = by_case[name]
+        assert case["status"] == DONE and case["reason"] is None
+        assert [f"{case['seconds']:.1f}", str(case["tiles"]), case["status"]] == rows[name]
+        assert {"read", "preprocess", "network", "write"} <= set(case["timings_s"]) and case["timings_s"]["network"] > 0
+    assert by_case["c"]["status"] == FAILED and by_case["c"]["tiles"] is None and "corrupt" in by_case["c"]["reason"]
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "a.npz", "b.nii.gz", "b.npz"]
     nz, ny, nx = ct.GetSize()[::-1]
     hu = sitk.GetArrayFromImage(ct)
