@@ -76,9 +76,16 @@ def cmd_segment(args) -> int:
     if is_case_folder(src):
         if args.save_network_labels:
             raise ConfigError("--save-network-labels applies to a single image, not folder mode")
+        if isinstance(args.preview, str):
+            raise ConfigError(f"--preview {args.preview}: a path applies to a single image; folder mode writes "
+                              "<case>_preview.png beside each output (give --preview without a path)")
+        if args.series is not None:
+            raise ConfigError(f"--series picks a series of a DICOM folder; {src} is a folder of *_0000.nii.gz cases")
         return segment_folder(src, dst, options, args)
     if args.part is not None:
         raise ConfigError(f"--part {args.part} applies to folder mode; {src} is a single image")
+    if args.series is not None and not src.is_dir():
+        raise ConfigError(f"--series picks a series of a DICOM folder; {src} is an image file")
     return segment_single(src, dst, options, args)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cli_errors import one_error_line
 from flare_rt.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +33,8 @@ def test_every_subcommand_is_registered():
     (["train", "no-such-preset"], 6, ["no-such-preset"]),
     (["info", "/nonexistent/model.onnx"], 3, ["/nonexistent/model.onnx", "not found"]),
     (["segment", "a.nii.gz", "b.nii.gz", "--part", "1/2"], 2, ["a.nii.gz"]),
+    (["segment", "examples/ts_example_ct.nii.gz", "out.nii.gz", "--series", "1.2.3"], 6,
+     ["--series", "examples/ts_example_ct.nii.gz is an image file"]),
     (["segment", "examples/ts_example_ct.nii.gz", "out.nii.gz", "--mode", "faithful", "--fast-option", "roi=0"], 6,
      ["--mode faithful"]),
 ])
@@ -85,6 +88,22 @@ def test_folder_statistics_csv_has_a_row_per_case(tmp_path, small_ct_path):
     liver = json.loads((out / "p1_statistics.json").read_text())["structures"]["liver"]
     assert float(rows[0]["liver_volume_ml"]) == pytest.approx(liver["volume_ml"])
     assert rows[0] == rows[1] | {"case": "p1"}
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--preview", "p.png"], ["--preview p.png", "folder mode writes <case>_preview.png"]),
+    (["--series", "1.2.3"], ["--series", "is a folder of *_0000.nii.gz cases"]),
+    (["--save-network-labels", "n.npz"], ["--save-network-labels applies to a single image"]),
+])
+def test_single_image_options_are_refused_in_folder_mode(capsys, tmp_path, small_ct_path, option, words):
+    """Not silently ignored: one line, exit 6, before any work (no output folder)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copyfile(small_ct_path, src / "p1_0000.nii.gz")
+    rc = main(["segment", str(src), str(tmp_path / "out"), *option, "-q"])
+    line = one_error_line(capsys)
+    assert rc == 6 and all(w in line for w in words), line
+    assert not (tmp_path / "out").exists()
 
 
 def on_a_terminal(cmd: list[str]) -> str:
