@@ -148,9 +148,8 @@ def segment_folder(src: Path, dst: Path, options, args) -> int:
 
     t0 = time.perf_counter()
     check_writable(dst)
-    for path in (args.statistics, args.report):  # folder mode rewrites them each run, as its table
-        if isinstance(path, str):
-            check_writable(Path(path).parent)
+    # folder mode rewrites these each run, as its table
+    check_new_outputs([p for p in (args.statistics, args.report) if isinstance(p, str)], overwrite=True)
     cases = list_cases(src, dst, parse_part(args.part))
     others = other_images(src)
     if others:

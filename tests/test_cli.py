@@ -106,6 +106,15 @@ def test_single_image_options_are_refused_in_folder_mode(capsys, tmp_path, small
     assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_run_s_report_must_be_a_file(capsys, tmp_path, small_ct_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copyfile(small_ct_path, src / "p1_0000.nii.gz")
+    rc = main(["segment", str(src), str(tmp_path / "out"), "--report", str(src), "-q"])
+    assert rc == 8 and f"{src}: is a folder" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def on_a_terminal(cmd: list[str]) -> str:
     """What ``cmd`` writes to a 120-column pseudo-terminal (stdout and stderr), after it exits with 0."""
     import fcntl
