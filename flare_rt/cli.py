@@ -141,8 +141,17 @@ def segment_single(src: Path, dst: Path, options, args) -> int:
 def segment_folder(src: Path, dst: Path, options, args) -> int:
     from tqdm import tqdm
 
-    from .folder import (CaseReport, CaseStages, list_cases, other_images, outcome_records, parse_part, run_folder,
-                         status_counts, summary_table)
+    from .folder import (
+        CaseReport,
+        CaseStages,
+        list_cases,
+        other_images,
+        outcome_records,
+        parse_part,
+        run_folder,
+        status_counts,
+        summary_table,
+    )
     from .io import load_volume
     from .pipeline import StageTimer
 

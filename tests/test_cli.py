@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from cli_errors import one_error_line
+
 from flare_rt.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,28 +90,30 @@ def test_folder_statistics_csv_has_a_row_per_case(tmp_path, small_ct_path):
     assert rows[0] == rows[1] | {"case": "p1"}
 
 
+@pytest.fixture
+def one_case_folder(tmp_path, small_ct_path) -> Path:
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copyfile(small_ct_path, src / "p1_0000.nii.gz")
+    return src
+
+
 @pytest.mark.parametrize("option, words", [
     (["--preview", "p.png"], ["--preview p.png", "folder mode writes <case>_preview.png"]),
     (["--series", "1.2.3"], ["--series", "is a folder of *_0000.nii.gz cases"]),
     (["--save-network-labels", "n.npz"], ["--save-network-labels applies to a single image"]),
 ])
-def test_single_image_options_are_refused_in_folder_mode(capsys, tmp_path, small_ct_path, option, words):
+def test_single_image_options_are_refused_in_folder_mode(capsys, tmp_path, one_case_folder, option, words):
     """Not silently ignored: one line, exit 6, before any work (no output folder)."""
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copyfile(small_ct_path, src / "p1_0000.nii.gz")
-    rc = main(["segment", str(src), str(tmp_path / "out"), *option, "-q"])
+    rc = main(["segment", str(one_case_folder), str(tmp_path / "out"), *option, "-q"])
     line = one_error_line(capsys)
     assert rc == 6 and all(w in line for w in words), line
     assert not (tmp_path / "out").exists()
 
 
-def test_a_folder_run_s_report_must_be_a_file(capsys, tmp_path, small_ct_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copyfile(small_ct_path, src / "p1_0000.nii.gz")
-    rc = main(["segment", str(src), str(tmp_path / "out"), "--report", str(src), "-q"])
-    assert rc == 8 and f"{src}: is a folder" in one_error_line(capsys)
+def test_a_folder_run_s_report_must_be_a_file(capsys, tmp_path, one_case_folder):
+    rc = main(["segment", str(one_case_folder), str(tmp_path / "out"), "--report", str(one_case_folder), "-q"])
+    assert rc == 8 and f"{one_case_folder}: is a folder" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 

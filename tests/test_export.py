@@ -2,14 +2,16 @@
 fp16) on random and real patches, verification that fails, safe checkpoint loading, plans layouts."""
 from __future__ import annotations
 
-import json
 import argparse
+import json
 import shutil
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from cli_errors import one_error_line  # noqa: E402
 
 from flare_rt.bundle import Bundle, read_meta  # noqa: E402
 from flare_rt.cli import main  # noqa: E402
@@ -265,8 +267,6 @@ def test_output_that_cannot_be_written_is_refused_before_the_import(demo_nnunet_
 def test_an_existing_output_or_the_input_is_refused_before_any_work(command, demo_nnunet_dir, fp32_bundle, tmp_path,
                                                                    capsys, monkeypatch):
     """Model-writing commands, like segment: an existing output only with --overwrite, never the input."""
-    from cli_errors import one_error_line
-
     for name in ("flare_rt.nnunet.read_nnunet_model", "flare_rt.bundle.Bundle.load"):
         monkeypatch.setattr(name, lambda *a, **k: pytest.fail("read the model before checking the output"))
     source = demo_nnunet_dir if command == "import-nnunet" else fp32_bundle

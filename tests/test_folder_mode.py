@@ -19,8 +19,8 @@ import SimpleITK as sitk
 
 from flare_rt.claims import ClaimBoard, WorkerId
 from flare_rt.cli import main
-from flare_rt.folder import DONE, EXISTS, FAILED, CaseReport, list_cases, parse_part, run_folder, summary_table
 from flare_rt.errors import ConfigError, InputImageError
+from flare_rt.folder import DONE, EXISTS, FAILED, CaseReport, list_cases, parse_part, run_folder, summary_table
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_NS = 1_000_000_000  # an mtime (2001) no run of this test can produce

@@ -29,7 +29,8 @@ def test_bundles_from_an_nnunet_folder(demo_nnunet_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "demo_fp32.onnx").write_bytes(b"an earlier bundle")  # replaced: FLARE_RT_OVERWRITE=1
-    r = sh("bundles.sh", demo_nnunet_dir, out, "demo", env={"FLARE_RT_IMPORT_ARGS": "--demo", "FLARE_RT_OVERWRITE": "1"})
+    r = sh("bundles.sh", demo_nnunet_dir, out, "demo",
+           env={"FLARE_RT_IMPORT_ARGS": "--demo", "FLARE_RT_OVERWRITE": "1"})
     assert r.returncode == 0, r.stderr
     from flare_rt.bundle import Bundle
     from flare_rt.onnx_graph import non_fp32_norms

@@ -134,7 +134,7 @@ def tuples_as_dims() -> dict:
     for label, value in (("tuple", (7, 8)), ("list", [7, 8]), ("numpy ints", (np.int64(7), np.int32(8))),
                          ("floats", (7.0, 8.0))):
         dims = trt.Dims((1, 2, 3))
-        probes[label] = [*outcome(lambda: dims.__setitem__(slice(0, 2), value)), list(dims)]
+        probes[label] = [*outcome(lambda dims=dims, value=value: dims.__setitem__(slice(0, 2), value)), list(dims)]
     declared = {m: declared_types(m) for m in ("IOptimizationProfile.set_shape", "IExecutionContext.set_input_shape",
                                                "Dims.__setitem__")}
     return {"probes": probes, "declared": declared}
