@@ -39,8 +39,8 @@ def split_top(text: str) -> list[str]:
 
 
 def signatures(name: str, doc: str) -> list[dict]:
-    """The overloads a pybind11 docstring lists: each ``{"params": [[name, has_default], ...], "returns": str}``
-    without ``self``."""
+    """The overloads a pybind11 docstring lists: each ``{"params": [[name, has_default, declared type], ...],
+    "returns": str}`` without ``self``."""
     found = []
     for line in doc.splitlines():
         m = re.match(rf"^\s*(?:\d+\.\s+)?{re.escape(name)}\((.*)\)(?:\s*->\s*(.+))?$", line.strip())
@@ -48,10 +48,12 @@ def signatures(name: str, doc: str) -> list[dict]:
             continue
         params = []
         for part in split_top(m.group(1)):
-            pname = part.split(":", 1)[0].split("=", 1)[0].strip()
+            head, colon, annotation = part.partition(":")
+            pname = head.split("=", 1)[0].strip()
             if pname in ("self", "/", "*"):
                 continue
-            params.append([pname.lstrip("*"), "=" in part.split(":", 1)[-1] or "=" in pname])
+            has_default = "=" in (annotation if colon else head)
+            params.append([pname.lstrip("*"), has_default, annotation.split("=", 1)[0].strip()])
         found.append({"params": params, "returns": (m.group(2) or "").strip()})
     return found
 
@@ -113,15 +115,9 @@ def raw_bindings() -> dict:
 
 
 def declared_types(dotted: str) -> list[dict]:
-    """Each overload of a method as {parameter: declared type} (from its pybind11 docstring)."""
-    name = dotted.rsplit(".", 1)[-1]
-    found = []
-    for line in (resolve(dotted).__doc__ or "").splitlines():
-        m = re.match(rf"^\s*(?:\d+\.\s+)?{re.escape(name)}\((.*)\)", line.strip())
-        if m and m.group(1) != "*args, **kwargs":
-            parts = [part.split("=", 1)[0].split(":", 1) for part in split_top(m.group(1))]
-            found.append({k.strip(): v.strip() for k, v in parts if k.strip() != "self"})
-    return found
+    """Each overload of a method as {parameter: declared type} (from :func:`signatures`)."""
+    overloads = signatures(dotted.rsplit(".", 1)[-1], resolve(dotted).__doc__ or "")
+    return [{pname: annotation for pname, _, annotation in o["params"]} for o in overloads]
 
 
 def tuples_as_dims() -> dict:
