@@ -58,3 +58,35 @@ def surface(site: Path, stubs: Path) -> dict:
                           timeout=300)
     assert proc.returncode == 0, f"the real bindings in {site} did not import over the stubs:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout)
+
+
+def fetch(dest: Path, version: str) -> Path:
+    """NVIDIA's bindings wheel of TensorRT ``version`` from PyPI, unpacked (not installed: every version's
+    module is ``tensorrt_bindings``) into a folder of ``dest``, whose path is returned for
+    ``$FLARE_RT_TRT_BINDINGS``. Reuses an earlier unpacking."""
+    import zipfile
+
+    major = int(version.split(".")[0])
+    package = f"tensorrt-cu{12 if major < 11 else 13}-bindings"
+    site = dest / f"{package}-{version}"
+    if (site / "tensorrt_bindings").is_dir():
+        return site
+    wheels = dest / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--dest", str(wheels), f"{package}=={version}"], check=True)
+    name = package.replace("-", "_")
+    wheel, = sorted(wheels.glob(f"{name}-{version}-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    return site
+
+
+if __name__ == "__main__":
+    # python tests/trt/trt_bindings.py DEST: fetch TensorRT 11's bindings (the double's 11.x) and print the
+    # folder to put in $FLARE_RT_TRT_BINDINGS (.ci/run does this).
+    sys.path.insert(0, str(Path(__file__).parent))
+    from trt_doubles import TRT11
+
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: python {sys.argv[0]} DEST")
+    print(fetch(Path(sys.argv[1]).resolve(), TRT11))
