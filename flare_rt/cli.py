@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
     s = sub.add_parser("segment", help="segment a CT (file, DICOM folder, or folder of *_0000.nii.gz)")
-    s.add_argument("input", help="image file (.nii.gz/.nii/.mha/.nrrd), DICOM series folder, or case folder")
+    s.add_argument("input", help="image file (.nii.gz/.nii/.mha/.nrrd), DICOM folder (a series or a study), "
+                   "or case folder")
     s.add_argument("output", help="label file (format from extension) or output folder in folder mode")
     s.add_argument("--model", help="model bundle (.onnx); default $FLARE_RT_MODEL or the packaged model")
     s.add_argument("--mode", choices=["fast", "faithful"], default="fast",
@@ -305,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--part", metavar="I/N", help="folder mode: take the I-th (1-based) of N static shards of the cases")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.add_argument("--force", action="store_true", help="segment images whose intensities do not look like CT")
-    s.add_argument("--series", help="DICOM SeriesInstanceUID to use when a folder holds several")
+    s.add_argument("--series", help="DICOM SeriesInstanceUID to segment when a DICOM folder (or its subfolders) "
+                   "holds several; default: the largest series")
     s.add_argument("--fast-option", action="append", metavar="KEY=VALUE",
                    help="tune fast mode: roi=0/1, roi_crop=0/1, body_threshold_hu, body_margin, "
                         "label_upsampling=0/1, compute_dtype=float32/float64 (repeatable)")

@@ -1,4 +1,4 @@
-"""Reading and writing images with their geometry, input validation, DICOM series.
+"""Reading and writing images with their geometry, input validation (DICOM series: :mod:`flare_rt.dicom`).
 
 Arrays are in SimpleITK order (z, y, x); ``Volume.spacing`` is given in the same order, ``Volume.geometry``
 in ITK's (x, y, z). NIfTI files are read and written with SimpleITK when it is installed, else with
@@ -77,7 +77,7 @@ def nifti_io() -> str:
     return "simpleitk"
 
 
-def _sitk(path: Path, doing: str):
+def require_simpleitk(path: Path, doing: str):
     """SimpleITK, or an error saying that ``doing`` (e.g. "reading DICOM series") needs it."""
     try:
         import SimpleITK as sitk
@@ -117,8 +117,10 @@ def read_image(path: str | Path, series_uid: str | None = None):
     path = Path(path)
     _check_file(path)
     if path.is_dir():
+        from .dicom import read_dicom_series
+
         return read_dicom_series(path, series_uid)
-    sitk = _sitk(path, f"reading {image_suffix(path) or path.suffix or 'these'} images")
+    sitk = require_simpleitk(path, f"reading {image_suffix(path) or path.suffix or 'these'} images")
     suffix = image_suffix(path)
     extent = _nifti_extent(path) if suffix in NIFTI_SUFFIXES else None
     if suffix in (".mha", ".mhd"):
@@ -175,78 +177,9 @@ def _nifti_nonfinite(path: Path) -> int:
     return int(np.count_nonzero(~np.isfinite(data)))
 
 
-def dicom_series_ids(folder: Path) -> list[str]:
-    """The DICOM series UIDs in ``folder`` (none for a folder without DICOM files), without the warning GDCM
-    prints on stderr for a folder that holds no series."""
-    sitk = _sitk(folder, "reading DICOM series")
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def read_dicom_series(folder: Path, series_uid: str | None = None):
-    sitk = _sitk(folder, "reading DICOM series")
-    reader = sitk.ImageSeriesReader()
-    uids = dicom_series_ids(folder)
-    if not uids:
-        raise InputImageError(f"{folder}: no DICOM series found in this directory")
-    if series_uid is not None:
-        if series_uid not in uids:
-            raise InputImageError(f"{folder}: series {series_uid} not found; available: {', '.join(uids)}")
-        uid = series_uid
-    else:
-        counts = {u: len(reader.GetGDCMSeriesFileNames(str(folder), u)) for u in uids}
-        uid = max(uids, key=lambda u: counts[u])
-        if len(uids) > 1:
-            log.warning("%s: %d DICOM series (%s); using the largest, %s (%d slices); pass --series UID to choose",
-                        folder, len(uids), ", ".join(f"{u}: {counts[u]}" for u in uids), uid, counts[uid])
-    files = reader.GetGDCMSeriesFileNames(str(folder), uid)
-    check_slice_geometry(folder, files)
-    reader.SetFileNames(files)
-    try:
-        return reader.Execute()
-    except RuntimeError as exc:
-        raise InputImageError(f"{folder}: cannot read DICOM series {uid} ({' '.join(str(exc).split())[-200:]})") from exc
-
-
-def check_slice_geometry(folder: Path, files, tol: float = 0.01) -> None:
-    """Reject gantry tilt (slice positions not along the slice normal) and uneven slice gaps."""
-    sitk = _sitk(folder, "reading DICOM series")
-
-    if len(files) < 2:
-        raise InputImageError(f"{folder}: the DICOM series has {len(files)} slice; a 3D volume needs several")
-    pos, normal = [], None
-    for f in files:
-        r = sitk.ImageFileReader()
-        r.SetFileName(f)
-        try:
-            r.ReadImageInformation()
-        except RuntimeError as exc:
-            raise InputImageError(f"{f}: unreadable DICOM file ({' '.join(str(exc).split())[-150:]})") from exc
-        pos.append(np.array(r.GetOrigin(), dtype=float))
-        if normal is None:
-            d = np.array(r.GetDirection(), dtype=float).reshape(3, 3)
-            normal = np.cross(d[:, 0], d[:, 1])
-    steps = np.diff(np.stack(pos), axis=0)
-    gaps = np.linalg.norm(steps, axis=1)
-    if np.any(gaps < 1e-6):
-        raise InputImageError(f"{folder}: duplicate slice positions in the DICOM series")
-    cosines = np.abs(steps @ normal) / gaps
-    if np.any(cosines < 1 - 1e-4):
-        angle = float(np.degrees(np.arccos(np.clip(cosines.min(), -1, 1))))
-        raise InputImageError(f"{folder}: gantry tilt of {angle:.2f} degrees; resample the series to an "
-                              "orthogonal grid first (e.g. dcm2niix) and pass the NIfTI")
-    if gaps.max() - gaps.min() > tol * gaps.mean() + 1e-3:
-        raise InputImageError(f"{folder}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm; missing "
-                              "slices?); fix the series or convert it to NIfTI with interpolation")
-
-
 def to_volume(image, source: str, force: bool = False) -> Volume:
     """Validate a SimpleITK image as a 3D CT volume and return its array (float32 copy avoided)."""
-    sitk = _sitk(Path(source), "reading this image")
+    sitk = require_simpleitk(Path(source), "reading this image")
     shown = "x".join(str(s) for s in image.GetSize())
     if image.GetNumberOfComponentsPerPixel() == 1 and image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
@@ -335,7 +268,7 @@ def write_labels(labels: np.ndarray, geometry: Geometry, path: str | Path) -> Pa
         with atomic_path(path) as tmp:
             write_nifti(labels, geometry, tmp)
         return path
-    sitk = _sitk(path, f"writing {suffix} images")
+    sitk = require_simpleitk(path, f"writing {suffix} images")
     img = geometry.apply_to(sitk.GetImageFromArray(labels))
     # .mhd/.nhdr: the header names its data file, so both are written under their own names elsewhere
     with (atomic_files if suffix in (".mhd", ".nhdr") else atomic_path)(path) as tmp:

@@ -69,7 +69,8 @@ class QuantizeOptions:
 def find_cts(folder: str | Path) -> list[Path]:
     """The CTs in ``folder``: image files at its top level and DICOM series (the folder itself or its
     sub-folders). Raises :class:`InputImageError` naming the folder when there are none."""
-    from .io import dicom_series_ids, image_suffix
+    from .dicom import dicom_series_ids
+    from .io import image_suffix
 
     folder = Path(folder)
     if not folder.is_dir():

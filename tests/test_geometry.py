@@ -3,18 +3,18 @@ format and orientation; a bundle with an anatomical orientation segments the sam
 storage order; DICOM input keeps the series geometry and agrees with a reference in physical space."""
 from __future__ import annotations
 
-import locale
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from agreement import dice
+from dicom_series import write_dicom_series
 
 from flare_rt.bundle import Bundle, write_bundle
 from flare_rt.cli import main
 from flare_rt.resources import packaged_model
-from agreement import dice
 
 LIVER = 1
 # Tiles that abut instead of overlapping by half: half the network time on 2 CPU cores. Every comparison
@@ -233,35 +233,6 @@ def test_dicom_liver_overlaps_reference(dicom_seg, shared_data):
     # Dice > 0.3 alone would not tell a physical comparison from an index one
     d_wrong = dice(ours == LIVER, labels_of(ref) == LIVER)
     assert d > d_wrong + 0.1, (d, d_wrong)
-
-
-def write_dicom_series(img, folder: Path) -> None:
-    """A minimal CT series (one file per slice) with the image's geometry, written by SimpleITK/GDCM (whose
-    DICOM writer sets the process's C locale: restored afterwards, or later text decoding turns ASCII)."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        _write_dicom_series(img, folder)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
-def _write_dicom_series(img, folder: Path) -> None:
-    folder.mkdir()
-    d = img.GetDirection()
-    orientation = "\\".join(f"{v:.10g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    study, series = "1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.2"
-    for k in range(img.GetDepth()):
-        sl = img[:, :, k : k + 1]
-        tags = {"0008|0060": "CT", "0020|000d": study, "0020|000e": series, "0020|0037": orientation,
-                "0020|0032": "\\".join(f"{v:.10g}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))),
-                "0020|0013": str(k + 1), "0018|0050": f"{img.GetSpacing()[2]:g}",
-                "0008|0018": f"{series}.{k + 1}", "0008|0016": "1.2.840.10008.5.1.4.1.1.2"}
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
-        writer.Execute(sl)
 
 
 def test_dicom_output_without_extension_gets_nifti(work, ct, original_seg):
