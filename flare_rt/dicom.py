@@ -45,9 +45,17 @@ def dicom_series_ids(folder: Path) -> list[str]:
 
 
 def _folders(root: Path):
-    """``root`` and every folder below it, hidden ones skipped, in a fixed order."""
-    for here, dirs, _ in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    """``root`` and every folder below it, hidden ones skipped, in a fixed order; linked folders are followed,
+    each real folder visited once (a link loop ends)."""
+    seen = {os.path.realpath(root)}
+    for here, dirs, _ in os.walk(root, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(here, d))
+            if not d.startswith(".") and real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirs[:] = kept
         yield Path(here)
 
 

@@ -150,3 +150,14 @@ def test_a_folder_without_series_below_it_is_one_line(tmp_path, capsys):
     assert rc == 2
     assert f"flare-rt: error: {tmp_path / 'study'}: no DICOM series found in this folder or its subfolders" in err
     assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_linked_series_folders_are_followed_once(patient, tmp_path):
+    """A folder of links to series folders (as some pipelines gather a patient's series): followed; a link back
+    up the tree does not loop."""
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "SE1").symlink_to(patient, target_is_directory=True)
+    (tmp_path / "links" / "again").symlink_to(tmp_path / "links", target_is_directory=True)
+    found = find_series(tmp_path / "links")
+    assert [(s.uid, len(s.files), s.folders) for s in found] == [("", 20, (Path("SE1"),))]
+    same_volume(tmp_path / "links", patient)
