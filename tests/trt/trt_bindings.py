@@ -76,8 +76,11 @@ def fetch(dest: Path, version: str) -> Path:
                     "--dest", str(wheels), f"{package}=={version}"], check=True)
     name = package.replace("-", "_")
     wheel, = sorted(wheels.glob(f"{name}-{version}-*.whl"))
+    partial = site.with_name(site.name + ".partial")  # renamed when whole: an interrupted run is not reused
+    shutil.rmtree(partial, ignore_errors=True)
     with zipfile.ZipFile(wheel) as zf:
-        zf.extractall(site)
+        zf.extractall(partial)
+    partial.rename(site)
     return site
 
 
