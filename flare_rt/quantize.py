@@ -67,9 +67,10 @@ class QuantizeOptions:
 
 # -- calibration data --------------------------------------------------------------------------------
 def find_cts(folder: str | Path) -> list[Path]:
-    """The CTs in ``folder``: image files at its top level and DICOM series (the folder itself or its
-    sub-folders). Raises :class:`InputImageError` naming the folder when there are none."""
-    from .dicom import dicom_series_ids
+    """The CTs in ``folder``: image files at its top level and DICOM series (the folder itself, or each
+    sub-folder holding a series at any depth: a study as exported, read as ``segment`` reads it). Raises
+    :class:`InputImageError` naming the folder when there are none."""
+    from .dicom import dicom_series_ids, find_series
     from .io import image_suffix
 
     folder = Path(folder)
@@ -79,7 +80,7 @@ def find_cts(folder: str | Path) -> list[Path]:
     for p in sorted(folder.iterdir()):
         if p.is_file() and image_suffix(p):
             found.append(p)
-        elif p.is_dir() and dicom_series_ids(p):
+        elif p.is_dir() and not p.name.startswith(".") and find_series(p):
             found.append(p)
     if not found:
         raise InputImageError(f"--calibration {folder}: no CT images (.nii.gz, .nii, .mha, .nrrd) or DICOM series "

@@ -3,6 +3,7 @@ they keep, how `auto` and the other backends treat them, and each bad input."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import numpy as np
 import pytest
@@ -113,6 +114,15 @@ def test_bf16_variant(fp32_bundle, small_ct_path, tmp_path):
     assert create_backend(b, "onnxruntime", "cpu", 2).name == "onnxruntime"
     auto = create_backend(b, "auto", "cpu", 2)
     assert (auto.name, auto.compute) == ("openvino", "fp32")
+
+
+def test_calibration_takes_a_study_folder_per_patient(shared_data, small_ct_path, tmp_path):
+    """Each sub-folder holding a DICOM series at any depth is one CT (a study as exported), beside image files."""
+    folder = tmp_path / "calibration"
+    shutil.copytree(shared_data / "ts_dicom", folder / "patient1" / "CT" / "SE1")
+    (folder / "notes").mkdir()
+    shutil.copy(small_ct_path, folder / "patient2.nii.gz")
+    assert find_cts(folder) == [folder / "patient1", folder / "patient2.nii.gz"]
 
 
 def test_empty_calibration_folder_is_named(fp32_bundle, tmp_path, capsys, small_ct_path):
