@@ -135,8 +135,7 @@ class ClaimBoard:
         self._worker_path().unlink(missing_ok=True)
         os.close(self._registration)  # drops the lock
         self._registration = None
-        if self.state.is_dir() and not any(_held(p) for p in self.state.rglob("*") if p.is_file()
-                                           and p.suffix != ".failed"):
+        if self.state.is_dir() and not _any_held(self.state):
             shutil.rmtree(self.state, ignore_errors=True)  # the last worker out: no live worker, no claim
 
     def try_claim(self, name: str) -> Claim | None:
@@ -181,6 +180,16 @@ class ClaimBoard:
         if recorded >= self.worker.started or failure.worker.alive():
             return failure
         return None
+
+
+def _any_held(state: Path) -> bool:
+    """Whether a live worker's registration or claim is in ``state`` (failure records aside). Two workers that
+    leave together may both look while one of them removes the folder: what is gone is not held (``os.walk``
+    passes over a folder removed under it, where ``Path.rglob`` raised FileNotFoundError)."""
+    for here, _, files in os.walk(state):
+        if any(_held(Path(here) / f) for f in files if not f.endswith(".failed")):
+            return True
+    return False
 
 
 def _held(path: Path) -> bool:

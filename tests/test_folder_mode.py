@@ -271,6 +271,27 @@ def test_failure_of_a_concurrent_worker_is_not_retried_but_an_old_one_is(tmp_pat
     assert [o.status for o in outcomes] == [FAILED] and calls == ["bad"]
 
 
+def test_a_worker_leaving_while_another_removes_the_state_folder(tmp_path, monkeypatch):
+    """Two workers that leave together both look for live claims, and the first to see none removes the state
+    folder while the other is still looking (a CI run's 2-worker test crashed here with FileNotFoundError). What
+    is gone holds nothing: the second leaves quietly and the folder is gone."""
+    import flare_rt.claims as claims
+
+    out = tmp_path / "out"
+    out.mkdir()
+    board = ClaimBoard(out)
+    with board:
+        (out / ClaimBoard.STATE / "a.lock").touch()  # a crashed worker's claim, beside the workers/ folder
+        held = claims._held
+
+        def other_worker_cleans_up(path):
+            shutil.rmtree(out / ClaimBoard.STATE, ignore_errors=True)  # the other worker, mid-look
+            return held(path)
+
+        monkeypatch.setattr(claims, "_held", other_worker_cleans_up)
+    assert list(out.iterdir()) == []
+
+
 # -- several processes on one folder of real cases -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def crowd_cases(tmp_path_factory, small_ct_path) -> Path:
