@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DicomSeries:
     uid: str
-    files: tuple[str, ...]  # in slice order
+    files: tuple[str, ...]  # in slice order within each folder (GDCM's), folder after folder
     folders: tuple[Path, ...]  # where its files are, relative to the folder searched
 
     def describe(self) -> str:
@@ -69,8 +69,7 @@ def find_series(root: Path) -> list[DicomSeries]:
             key = (uid, None if uid else folder)  # no UID: nothing says two folders hold one series
             files.setdefault(key, []).extend(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
             folders.setdefault(key, []).append(folder.relative_to(root))
-    series = [DicomSeries(key[0], tuple(files[key] if len(folders[key]) == 1 else _slice_order(root, files[key])),
-                          tuple(folders[key])) for key in files]
+    series = [DicomSeries(key[0], tuple(files[key]), tuple(folders[key])) for key in files]
     return sorted(series, key=lambda s: (-len(s.files), s.uid, s.folders))
 
 
@@ -96,9 +95,14 @@ def read_dicom_series(root: Path, series_uid: str | None = None):
     """The chosen series (:func:`choose_series`) as a SimpleITK image, its slice geometry checked."""
     sitk = require_simpleitk(root, "reading DICOM series")
     series = choose_series(root, series_uid)
-    check_slice_geometry(root, series.files)
+    if len(series.files) < 2:
+        raise InputImageError(f"{root}: the DICOM series has {len(series.files)} slice; a 3D volume needs several")
+    pos, normal = _slice_positions(root, series.files)
+    # one folder: GDCM's order; several: merged along the slice normal, as GDCM sorts within a folder
+    order = np.arange(len(pos)) if len(series.folders) == 1 else np.argsort(pos @ normal, kind="stable")
+    check_slice_geometry(root, pos[order], normal)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(series.files))
+    reader.SetFileNames([series.files[i] for i in order])
     try:
         return reader.Execute()
     except RuntimeError as exc:
@@ -124,18 +128,9 @@ def _slice_positions(root: Path, files) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(pos), normal
 
 
-def _slice_order(root: Path, files: list[str]) -> list[str]:
-    """The files of one series gathered from several folders, sorted along the slice normal (as GDCM sorts the
-    files of one folder)."""
-    pos, normal = _slice_positions(root, files)
-    return [files[i] for i in np.argsort(pos @ normal, kind="stable")]
-
-
-def check_slice_geometry(folder: Path, files, tol: float = 0.01) -> None:
-    """Reject gantry tilt (slice positions not along the slice normal) and uneven slice gaps."""
-    if len(files) < 2:
-        raise InputImageError(f"{folder}: the DICOM series has {len(files)} slice; a 3D volume needs several")
-    pos, normal = _slice_positions(folder, files)
+def check_slice_geometry(folder: Path, pos: np.ndarray, normal: np.ndarray, tol: float = 0.01) -> None:
+    """Reject gantry tilt (slice positions ``pos`` (n, 3), in slice order, not along the slice ``normal``) and
+    uneven slice gaps."""
     steps = np.diff(pos, axis=0)
     gaps = np.linalg.norm(steps, axis=1)
     if np.any(gaps < 1e-6):
