@@ -1,14 +1,21 @@
 """Several workers on one output folder: a case is claimed before it is segmented.
 
 A claim is an exclusive ``flock`` on a lock file in the output folder's hidden state folder
-(``OUT/.flare-rt/<case>.lock``), held while the case is processed. The kernel drops the lock when its process dies, so the claim of a crashed worker
-is taken over by the next worker that asks, with no stale-lock clean-up. After taking the lock a
-worker checks that the lock file is still the one on disk (another worker may have removed it on
-release) and that the output does not exist yet (another worker may have finished it), so each case
-is written once. A case that failed leaves a ``<case>.failed`` record; a concurrent worker (one
-that started before the failure, or while the failing worker still runs) does not retry it, a later
-run does. Each worker registers itself (a held lock on ``workers/<id>``); the last worker to leave
-removes the state folder, so a finished output folder holds the outputs only.
+(``OUT/.flare-rt/<case>.lock``), held while the case is processed. The kernel drops the lock when its
+process dies, so the claim of a crashed worker is taken over by the next worker that asks, with no
+stale-lock clean-up. After taking the lock a worker checks that the lock file is still the one on disk
+(another worker may have removed it on release) and that the output does not exist yet (another worker
+may have finished it), so each case is written once. A case that failed leaves a ``<case>.failed``
+record; a concurrent worker (one that started before the failure, or while the failing worker still
+runs) does not retry it, a later run does.
+
+Each worker registers itself for its whole run with a *shared* lock on ``OUT/.flare-rt/board.lock``, and
+claims only while registered. The last worker out removes the state folder, so a finished output folder
+holds the outputs only: a leaving worker that gets the *exclusive* lock on ``board.lock`` knows no other
+worker is registered, and while it holds that lock none can register. It renames the state folder to a
+unique name, drops the lock, then removes the renamed folder. A worker that arrives meanwhile waits for
+the lock, sees that the file it locked is no longer the one on disk, and registers in a new state folder.
+So no worker can lose its registration, claims or failure records to another's clean-up.
 
 POSIX only (``fcntl``); works on local file systems and on NFS v4 (Linux maps ``flock`` to POSIX
 locks there).
@@ -21,6 +28,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,6 +113,7 @@ class ClaimBoard:
     """The claims of one output folder, as seen by one worker (``with board:`` registers the worker)."""
 
     STATE = ".flare-rt"
+    BOARD = "board.lock"
 
     def __init__(self, folder: str | Path, worker: WorkerId | None = None):
         self.folder = Path(folder)
@@ -118,31 +127,50 @@ class ClaimBoard:
     def failure_path(self, name: str) -> Path:
         return self.state / f"{name}.failed"
 
-    def _worker_path(self) -> Path:
-        w = self.worker
-        return self.state / "workers" / f"{w.host}-{w.pid}-{w.started:.6f}"
+    @property
+    def board_path(self) -> Path:
+        return self.state / self.BOARD
 
     def __enter__(self) -> "ClaimBoard":
-        path = self._worker_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._registration = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        _fcntl().flock(self._registration, _fcntl().LOCK_EX)
-        return self
+        fcntl = _fcntl()
+        while True:  # until the board file this worker holds is the one on disk
+            try:
+                self.state.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.board_path, os.O_CREAT | os.O_RDWR, 0o644)
+            except (FileExistsError, FileNotFoundError):  # the last worker out removed the folder as we made it
+                continue
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while the last worker out removes the folder
+            if _same_file(fd, self.board_path):
+                self._registration = fd
+                return self
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def __exit__(self, *exc) -> None:
-        if self._registration is None:
+        fd, self._registration = self._registration, None
+        if fd is None:
             return
-        self._worker_path().unlink(missing_ok=True)
-        os.close(self._registration)  # drops the lock
-        self._registration = None
-        if self.state.is_dir() and not _any_held(self.state):
-            shutil.rmtree(self.state, ignore_errors=True)  # the last worker out: no live worker, no claim
+        fcntl = _fcntl()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another worker is registered: it, or the last after it, cleans up
+            os.close(fd)
+            return
+        try:
+            # the board file may be gone: a worker that left just before this one removed the folder
+            retired = _same_file(fd, self.board_path) and _retire_state(self.state)
+        finally:
+            os.close(fd)  # drops the lock: a worker waiting to register starts a new state folder
+        if retired:
+            _remove_retired(self.state)
 
     def try_claim(self, name: str) -> Claim | None:
-        """The claim on ``name``, or None when a live worker holds it."""
+        """The claim on ``name``, or None when a live worker holds it (the worker must be registered)."""
+        if self._registration is None:
+            raise RuntimeError("ClaimBoard.try_claim outside `with board:`: register the worker first, so that "
+                               "no other worker removes the state folder while this one holds a claim")
         fcntl = _fcntl()
         path = self.lock_path(name)
-        self.state.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
@@ -150,11 +178,7 @@ class ClaimBoard:
             except BlockingIOError:
                 os.close(fd)
                 return None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if _same_file(fd, path):
                 os.ftruncate(fd, 0)
                 os.write(fd, (json.dumps(asdict(self.worker)) + "\n").encode())
                 return Claim(self, name, fd)
@@ -182,27 +206,31 @@ class ClaimBoard:
         return None
 
 
-def _any_held(state: Path) -> bool:
-    """Whether a live worker's registration or claim is in ``state`` (failure records aside). Two workers that
-    leave together may both look while one of them removes the folder: what is gone is not held (``os.walk``
-    passes over a folder removed under it, where ``Path.rglob`` raised FileNotFoundError)."""
-    for here, _, files in os.walk(state):
-        if any(_held(Path(here) / f) for f in files if not f.endswith(".failed")):
-            return True
-    return False
-
-
-def _held(path: Path) -> bool:
-    """Whether a live process holds a lock on ``path`` (a dead one's lock is gone with it)."""
-    fcntl = _fcntl()
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not removed or replaced since it was opened)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        disk = os.stat(path)
     except FileNotFoundError:
         return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (disk.st_dev, disk.st_ino)
+
+
+def _retire_state(state: Path) -> bool:
+    """Rename the state folder away, as the last worker out (holding ``board.lock`` exclusively): the rename is
+    atomic, so a worker arriving from then on creates a new state folder instead of writing into this one."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+        os.rename(state, state.with_name(f"{state.name}{_RETIRED}{uuid.uuid4().hex}"))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove_retired(state: Path) -> None:
+    """Remove the renamed state folders: this worker's, and any left by a worker that died before removing its
+    own (no worker uses a renamed one)."""
+    for old in state.parent.glob(f"{state.name}{_RETIRED}*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+_RETIRED = ".removing-"

@@ -231,7 +231,7 @@ def test_a_held_claim_is_skipped_and_a_dead_workers_claim_is_taken_over(tmp_path
     # a live worker (another process) holds a's claim
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from flare_rt.claims import ClaimBoard; "
-        f"c = ClaimBoard({str(out)!r}).try_claim('a'); print('held', flush=True); time.sleep(60)")],
+        f"b = ClaimBoard({str(out)!r}).__enter__(); c = b.try_claim('a'); print('held', flush=True); time.sleep(60)")],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -242,8 +242,8 @@ def test_a_held_claim_is_skipped_and_a_dead_workers_claim_is_taken_over(tmp_path
     finally:
         holder.kill()
         holder.wait()
-    # the holder died without releasing: its lock file is still there, its claim is not
-    assert (out / ".flare-rt" / "a.lock").exists()
+    # the holder died without releasing: its registration and lock file are still there, their locks are not
+    assert (out / ".flare-rt" / "a.lock").exists() and (out / ".flare-rt" / "board.lock").exists()
     calls = []
     outcomes = run_folder(list_cases(src, out), out, writer(calls))
     assert [(o.case.name, o.status) for o in outcomes] == [("a", DONE), ("b", EXISTS)]
@@ -255,40 +255,104 @@ def test_failure_of_a_concurrent_worker_is_not_retried_but_an_old_one_is(tmp_pat
     out.mkdir()
     me = WorkerId.current()
     other = WorkerId(pid=2**22 + 12345, host=me.host, started=me.started - 5)  # no such process
-    other_board = ClaimBoard(out, other)
-    with other_board.try_claim("bad") as claim:
-        claim.fail("bad: file is empty")
-    # recorded after this worker started: a concurrent failure, not retried
-    calls = []
-    outcomes = run_folder(list_cases(src, out), out, writer(calls), board=ClaimBoard(out, me))
-    assert [(o.status, o.reason) for o in outcomes] == [("failed elsewhere", "bad: file is empty")]
-    assert calls == []
-    # a worker that started after the (dead) failing worker recorded it retries
-    with other_board.try_claim("bad") as claim:
-        claim.fail("bad: file is empty")
-    later = WorkerId(me.pid, me.host, time.time() + 1)
-    outcomes = run_folder(list_cases(src, out), out, writer(calls), board=ClaimBoard(out, later))
-    assert [o.status for o in outcomes] == [FAILED] and calls == ["bad"]
+    with ClaimBoard(out, other) as other_board:  # registered here, so its failure record outlives our runs
+        with other_board.try_claim("bad") as claim:
+            claim.fail("bad: file is empty")
+        # recorded after this worker started: a concurrent failure, not retried
+        calls = []
+        outcomes = run_folder(list_cases(src, out), out, writer(calls), board=ClaimBoard(out, me))
+        assert [(o.status, o.reason) for o in outcomes] == [("failed elsewhere", "bad: file is empty")]
+        assert calls == []
+        # a worker that started after the (dead) failing worker recorded it retries
+        with other_board.try_claim("bad") as claim:
+            claim.fail("bad: file is empty")
+        later = WorkerId(me.pid, me.host, time.time() + 1)
+        outcomes = run_folder(list_cases(src, out), out, writer(calls), board=ClaimBoard(out, later))
+        assert [o.status for o in outcomes] == [FAILED] and calls == ["bad"]
+    assert list(out.iterdir()) == []  # the last one out removed the state folder
 
 
-def test_a_worker_leaving_while_another_removes_the_state_folder(tmp_path, monkeypatch):
-    """Two workers that leave together both look for live claims, and the first to see none removes the state
-    folder while the other is still looking (a CI run's 2-worker test crashed here with FileNotFoundError). What
-    is gone holds nothing: the second leaves quietly and the folder is gone."""
+def test_a_claim_needs_a_registered_worker(tmp_path):
+    with pytest.raises(RuntimeError, match="register the worker first"):
+        ClaimBoard(tmp_path).try_claim("a")
+
+
+def test_a_worker_registering_while_the_last_one_out_removes_the_folder(tmp_path, monkeypatch):
+    """A worker that arrives while the last one out is removing the state folder waits, then registers in a new
+    one: its registration, claims and failure records are not removed with the old one (before, they could be
+    lost in that window, and two workers could then segment one case)."""
+    import threading
+
     import flare_rt.claims as claims
 
     out = tmp_path / "out"
     out.mkdir()
-    board = ClaimBoard(out)
-    with board:
-        (out / ClaimBoard.STATE / "a.lock").touch()  # a crashed worker's claim, beside the workers/ folder
-        held = claims._held
+    arrived, waited, threads = [], [], []
 
-        def other_worker_cleans_up(path):
-            shutil.rmtree(out / ClaimBoard.STATE, ignore_errors=True)  # the other worker, mid-look
-            return held(path)
+    def register():
+        arrived.append(ClaimBoard(out).__enter__())
 
-        monkeypatch.setattr(claims, "_held", other_worker_cleans_up)
+    retire = claims._retire_state
+
+    def another_arrives_during_removal(state):
+        newcomer = threading.Thread(target=register)
+        newcomer.start()
+        newcomer.join(0.5)
+        waited.append(newcomer.is_alive())
+        threads.append(newcomer)
+        return retire(state)
+
+    monkeypatch.setattr(claims, "_retire_state", another_arrives_during_removal)
+    with ClaimBoard(out) as first:
+        with first.try_claim("a"):
+            pass
+    monkeypatch.undo()
+    threads[0].join(10)
+    (newcomer,) = arrived
+    assert waited == [True]  # it waited for the removal to end
+    assert claims._same_file(newcomer._registration, newcomer.board_path)  # registered in the new state folder
+    assert [p.name for p in out.iterdir()] == [".flare-rt"]  # the old one, renamed, is gone
+    with newcomer.try_claim("b") as claim:
+        claim.fail("b: file is empty")
+    with ClaimBoard(out):  # a third worker leaving first does not remove what the newcomer holds
+        pass
+    assert newcomer.failure_path("b").exists()
+    newcomer.__exit__()
+    assert list(out.iterdir()) == []
+
+
+def test_workers_coming_and_going_never_lose_their_state(tmp_path):
+    """Threads (each its own worker: flock locks are per open file) register, claim, record a failure and leave
+    over and over on one folder: what a registered worker wrote is always still on disk."""
+    import threading
+
+    import flare_rt.claims as claims
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lost, errors = [], []
+
+    def worker(k):
+        try:
+            work(k)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(repr(exc))
+
+    def work(k):
+        for i in range(150):
+            with ClaimBoard(out, WorkerId(os.getpid(), "test", k * 1000 + i)) as board:
+                name = f"case{k}"
+                with board.try_claim(name) as claim:
+                    claim.fail("failed")
+                    if not (claims._same_file(claim._fd, board.lock_path(name)) and board.failure_path(name).exists()):
+                        lost.append((k, i))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and lost == [] and not any(t.is_alive() for t in threads)
     assert list(out.iterdir()) == []
 
 
