@@ -5,8 +5,12 @@ as a bundle of its own that records how it was made and what it keeps.
   AVX512_BF16/AMX).
 - **int8**: post-training quantisation to a QDQ ONNX graph, calibrated on the tiles the network
   sees for the CTs in ``--calibration`` (the pipeline's own preprocessing and tile placement).
-  Convolutions are quantised (weights int8 per channel, activations uint8 per tensor);
-  InstanceNorm and the last convolution stay fp32. The default quantiser is ONNX Runtime's static
+  Convolutions are quantised (weights int8 per channel, input activations uint8 per tensor);
+  InstanceNorm and the last convolution stay fp32, and so do the convolutions' outputs: each feeds an
+  InstanceNorm, which divides a channel by its own spread, so one uint8 scale for a whole output
+  tensor would leave a narrow channel a few levels that the normalisation then magnifies (quantising
+  them cost 11 points of tile argmax agreement on the demonstration model: 0.88 against 0.98 on
+  ircad01 tiles; bench/README.md). The default quantiser is ONNX Runtime's static
   QDQ (``--method ort``): OpenVINO runs its graph as ONNX Runtime does. NNCF's ONNX graph
   (``--method nncf``) ran in ONNX Runtime within 1-2 % of fp32 per tile but OpenVINO 2026.4 ran it
   at 0.77 argmax agreement, and ONNX Runtime's int8 3D convolutions are slower than its fp32 ones
@@ -151,7 +155,7 @@ def quantize_int8(model, tiles: np.ndarray, input_name: str, options: QuantizeOp
     last_conv = [n.name for n in model.graph.node if n.op_type == "Conv"][-1:]
     keep = last_conv if options.keep_last_fp32 else []
     settings = {"method": options.method, "patches": int(len(tiles)), "fp32_nodes": keep,
-                "weights": "int8 per channel", "activations": "uint8 per tensor"}
+                "weights": "int8 per channel", "activations": "uint8 per tensor, convolution inputs only"}
     if options.method == "nncf":
         try:
             import nncf
@@ -184,7 +188,8 @@ def quantize_int8(model, tiles: np.ndarray, input_name: str, options: QuantizeOp
             onnx.save(model, str(src))
             quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv", "ConvTranspose"], nodes_to_exclude=keep)
+                            op_types_to_quantize=["Conv", "ConvTranspose"], nodes_to_exclude=keep,
+                            extra_options={"OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose"]})
             q = onnx.load(str(dst))
         desc = f"ONNX Runtime {ort_version} static quantisation (QDQ, MinMax)"
     return _dynamic_batch(q), desc, settings

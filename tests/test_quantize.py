@@ -59,6 +59,9 @@ def test_int8_records_calibration_and_agreement(int8_bundle, shared_data, small_
     last = [n for n in graph.node if n.op_type == "Conv"][-1]
     producers = {o: n.op_type for n in graph.node for o in n.output}
     assert producers.get(last.input[1]) != "DequantizeLinear"
+    # convolution outputs stay fp32: each InstanceNorm normalises what a convolution computed, unquantised
+    norms = [n for n in graph.node if n.op_type == "InstanceNormalization"]
+    assert norms and all(producers[n.input[0]] in ("Conv", "ConvTranspose") for n in norms)
     assert main(["info", str(int8_bundle.path)]) == 0
     out = capsys.readouterr().out
     assert "precision   int8" in out and "calibration ts_dicom" in out
@@ -72,7 +75,9 @@ def test_int8_runs_in_openvino_and_onnxruntime_close_to_fp32(int8_bundle, fp32_b
         b = create_backend(int8_bundle, name, "cpu", 2)
         out = b(tiles)
         agreement = float((out.argmax(1) == ref.argmax(1)).mean())
-        assert 0.8 < agreement < 1.0, (name, agreement)  # int8 arithmetic: close to fp32, not equal to it
+        # int8 arithmetic: close to fp32, not equal to it (0.991 here; 0.971 when the convolutions' outputs were
+        # quantised too, before the InstanceNorms that magnify their error)
+        assert 0.98 < agreement < 1.0, (name, agreement)
     assert create_backend(int8_bundle, "openvino", "cpu", 1).compute == "int8"
 
 
