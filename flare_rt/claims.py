@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,9 @@ class ClaimBoard:
                 self.state.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.board_path, os.O_CREAT | os.O_RDWR, 0o644)
             except (FileExistsError, FileNotFoundError):  # the last worker out removed the folder as we made it
+                if self.state.exists() and not self.state.is_dir():
+                    raise OutputError(f"{self.state}: a file where folder mode keeps its state (a folder); remove "
+                                      "or rename it") from None
                 continue
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits while the last worker out removes the folder
             if _same_file(fd, self.board_path):

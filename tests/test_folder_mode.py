@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from flare_rt.claims import ClaimBoard, WorkerId
 from flare_rt.cli import main
-from flare_rt.errors import ConfigError, InputImageError
+from flare_rt.errors import ConfigError, InputImageError, OutputError
 from flare_rt.folder import DONE, EXISTS, FAILED, CaseReport, list_cases, parse_part, run_folder, summary_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,6 +270,15 @@ def test_failure_of_a_concurrent_worker_is_not_retried_but_an_old_one_is(tmp_pat
         outcomes = run_folder(list_cases(src, out), out, writer(calls), board=ClaimBoard(out, later))
         assert [o.status for o in outcomes] == [FAILED] and calls == ["bad"]
     assert list(out.iterdir()) == []  # the last one out removed the state folder
+
+
+def test_a_file_in_the_place_of_the_state_folder_is_named(tmp_path, capsys):
+    src, out = fake_cases(tmp_path, ["a"])
+    out.mkdir()
+    (out / ClaimBoard.STATE).write_text("not a folder")
+    with pytest.raises(OutputError, match=r"\.flare-rt: a file where folder mode keeps its state"):
+        run_folder(list_cases(src, out), out, writer([]))
+    assert sorted(p.name for p in out.iterdir()) == [".flare-rt"]
 
 
 def test_a_claim_needs_a_registered_worker(tmp_path):
