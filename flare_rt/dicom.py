@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputImageError
-from .io import require_simpleitk
+from .io import itk_message, read_header, require_simpleitk
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def read_dicom_series(root: Path, series_uid: str | None = None):
     series = choose_series(root, series_uid)
     if len(series.files) < 2:
         raise InputImageError(f"{root}: the DICOM series has {len(series.files)} slice; a 3D volume needs several")
-    pos, normal = _slice_positions(root, series.files)
+    pos, normal = _slice_positions(series.files)
     # one folder: GDCM's order; several: merged along the slice normal, as GDCM sorts within a folder
     order = np.arange(len(pos)) if len(series.folders) == 1 else np.argsort(pos @ normal, kind="stable")
     check_slice_geometry(root, pos[order], normal)
@@ -106,21 +106,14 @@ def read_dicom_series(root: Path, series_uid: str | None = None):
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise InputImageError(f"{root}: cannot read DICOM series {series.uid} "
-                              f"({' '.join(str(exc).split())[-200:]})") from exc
+        raise InputImageError(f"{root}: cannot read DICOM series {series.uid} ({itk_message(exc)})") from exc
 
 
-def _slice_positions(root: Path, files) -> tuple[np.ndarray, np.ndarray]:
+def _slice_positions(files) -> tuple[np.ndarray, np.ndarray]:
     """Each file's image position (n, 3) and the slice normal of the first, from the headers alone."""
-    sitk = require_simpleitk(root, "reading DICOM series")
     pos, normal = [], None
     for f in files:
-        r = sitk.ImageFileReader()
-        r.SetFileName(str(f))
-        try:
-            r.ReadImageInformation()
-        except RuntimeError as exc:
-            raise InputImageError(f"{f}: unreadable DICOM file ({' '.join(str(exc).split())[-150:]})") from exc
+        r = read_header(f, "unreadable DICOM file")
         pos.append(np.array(r.GetOrigin(), dtype=float))
         if normal is None:
             d = np.array(r.GetDirection(), dtype=float).reshape(3, 3)

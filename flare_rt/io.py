@@ -133,7 +133,7 @@ def read_image(path: str | Path, series_uid: str | None = None):
             image, failure = sitk.ReadImage(str(path)), None
         except RuntimeError as exc:
             image, failure = None, InputImageError(f"{path}: cannot read image: unknown format or corrupt file "
-                                                   f"({_itk_message(exc)})")
+                                                   f"({itk_message(exc)})")
         length = stored.result()
     if extent is not None and length < sum(extent):  # ITK's NIfTI reader fills missing voxels with zeros
         offset, nbytes = extent
@@ -147,7 +147,20 @@ def read_image(path: str | Path, series_uid: str | None = None):
     return image
 
 
-def _itk_message(exc: Exception) -> str:
+def read_header(path: str | Path, problem: str = "cannot read the image header"):
+    """A SimpleITK ``ImageFileReader`` with ``path``'s header read (no voxels); :class:`InputImageError`
+    "``path``: ``problem`` (ITK's reason)" when it cannot be read."""
+    sitk = require_simpleitk(Path(path), "reading image headers")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputImageError(f"{path}: {problem} ({itk_message(exc)})") from exc
+    return reader
+
+
+def itk_message(exc: Exception) -> str:
     """The reason in an ITK exception text, without its source-file prefix."""
     msg = " ".join(str(exc).split())
     for marker in ("sitk::ERROR:", "ERROR:"):
@@ -275,7 +288,7 @@ def write_labels(labels: np.ndarray, geometry: Geometry, path: str | Path) -> Pa
         try:
             sitk.WriteImage(img, str(tmp), useCompression=True)
         except RuntimeError as exc:
-            raise OutputError(f"{path}: cannot write ({_itk_message(exc)})") from exc
+            raise OutputError(f"{path}: cannot write ({itk_message(exc)})") from exc
     return path
 
 

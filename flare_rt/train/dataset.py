@@ -18,7 +18,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import ConfigError, InputImageError
-from ..io import Volume, load_volume, read_image
+from ..io import Volume, load_volume, read_header, read_image
 from ..labels import IGNORE_ID, NAMES, NUM_CLASSES
 from .parallel import parallel_map
 
@@ -184,20 +184,12 @@ def _geometry(image) -> dict[str, Any]:
 
 def image_geometry(path: str | Path) -> dict[str, Any]:
     """Shape/spacing (z, y, x), origin and direction of an image file (header only) or DICOM series."""
-    import SimpleITK as sitk
-
     path = Path(path)
     if path.is_dir():
         return _geometry(read_image(path))
     if not path.is_file():
         raise InputImageError(f"{path}: image not found")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputImageError(f"{path}: cannot read the image header ({' '.join(str(exc).split())[-150:]})") from exc
-    return _geometry(reader)
+    return _geometry(read_header(path))
 
 
 def geometry_mismatch(image, label, rel_tol: float = 1e-3) -> str | None:
