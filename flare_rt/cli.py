@@ -50,6 +50,7 @@ def case_outputs(labels: Path, args, folder: bool = False):
 
 
 def load_segmenter(args, options, progress: bool):
+    """The segmenter of ``args``' model and backend, and the seconds its loading took (logged here)."""
     from .backends import create_backend
     from .bundle import Bundle
     from .pipeline import Segmenter
@@ -61,9 +62,9 @@ def load_segmenter(args, options, progress: bool):
     backend = create_backend(bundle, args.backend, args.device, args.threads, args.batch_size,
                              cuda_graphs=args.cuda_graphs)
     seg = Segmenter(bundle, backend, options, progress=progress)
-    log.info("model %s loaded in %.2fs (%s, %s mode)", bundle.path.name, time.perf_counter() - t0,
-             backend.describe(), options.mode)
-    return seg
+    seconds = time.perf_counter() - t0
+    log.info("model %s loaded in %.2fs (%s, %s mode)", bundle.path.name, seconds, backend.describe(), options.mode)
+    return seg, seconds
 
 
 def cmd_segment(args) -> int:
@@ -104,7 +105,7 @@ def _read_and_load(src: Path, options, args, timer):
 
     if resolve_device(args.device) != "cpu":
         vol = read()  # bad input fails before the model is loaded
-        return vol, load_segmenter(args, options, progress=not args.quiet)
+        return vol, load_segmenter(args, options, progress=not args.quiet)[0]
     with ThreadPoolExecutor(1, thread_name_prefix="flare-rt-load") as pool:
         loading = pool.submit(load_segmenter, args, options, not args.quiet)
         try:
@@ -112,7 +113,7 @@ def _read_and_load(src: Path, options, args, timer):
         except BaseException:
             loading.cancel()
             raise
-        return vol, loading.result()
+        return vol, loading.result()[0]
 
 
 def segment_single(src: Path, dst: Path, options, args) -> int:
@@ -164,9 +165,7 @@ def segment_folder(src: Path, dst: Path, options, args) -> int:
     if others:
         log.warning("%s: %d image file(s) not named *_0000.nii.gz are not segmented: %s", src, len(others),
                     ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
-    t_load = time.perf_counter()
-    seg = load_segmenter(args, options, progress=False)
-    load_s = time.perf_counter() - t_load
+    seg, load_s = load_segmenter(args, options, progress=False)
 
     def read(case):
         timer = StageTimer()

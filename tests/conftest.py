@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,14 +88,26 @@ def require_module(module: str, extra: str = "dev") -> None:
         pytest.fail(f"{module} is not installed: pip install -e '.[{extra}]'", pytrace=False)
 
 
+def build_wheel(dest: Path) -> Path:
+    """flare-rt's wheel, built from what the challenge image's first stage copies (pyproject.toml, README.md,
+    flare_rt/) put under ``dest``: setuptools writes ``build/`` and ``*.egg-info`` beside its sources, so the
+    checkout stays clean and parallel test workers can build at once."""
+    src = dest / "src"
+    src.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    shutil.copytree(REPO / "flare_rt", src / "flare_rt", ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(dest / "dist"), str(src)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (whl,) = (dest / "dist").glob("flare_rt-*.whl")
+    return whl
+
+
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
-    """flare-rt's wheel, built once from this checkout (as the challenge image's first stage builds it)."""
-    dist = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(dist), str(REPO)], capture_output=True, text=True, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return next(dist.glob("flare_rt-*.whl"))
+    """flare-rt's wheel, built once per test process (as the challenge image's first stage builds it)."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="session")
