@@ -1,6 +1,6 @@
 """A normal (non-editable) install works: the wheel carries the default model as package data, a fresh
-virtual environment with only the base dependencies segments the example CT with it from another
-directory, and nothing is written into site-packages (caches go to the user cache folder)."""
+virtual environment with only the base dependencies segments a real CT (30 slices of the example CT) with it from
+another directory, and nothing is written into site-packages (caches go to the user cache folder)."""
 from __future__ import annotations
 
 import os
@@ -14,9 +14,6 @@ import SimpleITK as sitk
 
 from flare_rt.resources import DEFAULT_MODEL_NAME
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def run(cmd, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=1200, **kw)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -27,7 +24,7 @@ def tree(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-def test_wheel_install_segments_with_the_packaged_model(wheel, tmp_path):
+def test_wheel_install_segments_with_the_packaged_model(wheel, small_ct_path, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert f"flare_rt/models/{DEFAULT_MODEL_NAME}" in names
     assert not any(n.startswith(("tests/", "bench/", "examples/")) for n in names)
@@ -44,14 +41,14 @@ def test_wheel_install_segments_with_the_packaged_model(wheel, tmp_path):
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLARE_RT_", "PYTHON", "VIRTUAL_ENV"))}
     env.update(HOME=str(home), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
-    proc = run([venv / "bin" / "flare-rt", "segment", REPO / "examples" / "ts_example_ct.nii.gz", "seg.nii.gz",
+    proc = run([venv / "bin" / "flare-rt", "segment", small_ct_path, "seg.nii.gz",
                 "--threads", "2"], cwd=work, env=env)
     assert DEFAULT_MODEL_NAME in proc.stderr  # the packaged model was used, and said so
     origin = run([py, "-c", "import flare_rt.resources as r; print(r.packaged_model())"], cwd=work, env=env)
     assert origin.stdout.strip().startswith(str(site))
 
     seg = sitk.ReadImage(str(work / "seg.nii.gz"))
-    ct = sitk.ReadImage(str(REPO / "examples" / "ts_example_ct.nii.gz"))
+    ct = sitk.ReadImage(str(small_ct_path))
     assert seg.GetSize() == ct.GetSize() and seg.GetDirection() == ct.GetDirection()
     assert len(np.unique(sitk.GetArrayFromImage(seg))) >= 3
     new = {p for p in tree(site) - before if "__pycache__" not in p}
