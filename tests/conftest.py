@@ -88,12 +88,14 @@ def require_module(module: str, extra: str = "dev") -> None:
         pytest.fail(f"{module} is not installed: pip install -e '.[{extra}]'", pytrace=False)
 
 
-def build_wheel(dest: Path) -> Path:
-    """flare-rt's wheel, built from what the challenge image's first stage copies (pyproject.toml, README.md,
-    flare_rt/) put under ``dest``: setuptools writes ``build/`` and ``*.egg-info`` beside its sources, so the
-    checkout stays clean and parallel test workers can build at once."""
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """flare-rt's wheel, built once from what the challenge image's first stage copies (pyproject.toml, README.md,
+    flare_rt/), copied into a temporary folder: setuptools writes ``build/`` and ``*.egg-info`` beside its sources,
+    so the checkout stays clean."""
+    dest = tmp_path_factory.mktemp("wheel")
     src = dest / "src"
-    src.mkdir(parents=True)
+    src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "flare_rt", src / "flare_rt", ignore=shutil.ignore_patterns("__pycache__"))
@@ -102,12 +104,6 @@ def build_wheel(dest: Path) -> Path:
     assert r.returncode == 0, r.stderr[-3000:]
     (whl,) = (dest / "dist").glob("flare_rt-*.whl")
     return whl
-
-
-@pytest.fixture(scope="session")
-def wheel(tmp_path_factory) -> Path:
-    """flare-rt's wheel, built once per test process (as the challenge image's first stage builds it)."""
-    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="session")
