@@ -60,13 +60,12 @@ def nnunet_reference(shared_data, demo_nnunet_dir):
 def flare_runs(shared_data, fp32_bundle):
     bundle = Bundle.load(fp32_bundle)
     runs = {}
-    backends = {}
+    backends = {name: create_backend(bundle, name, "cpu", 2) for name in dict.fromkeys(b for b, _ in RUNS)}
     for backend, case in RUNS:
-        be = backends.setdefault(backend, create_backend(bundle, backend, "cpu", 2))
-        seg = Segmenter(bundle, be, SegmentOptions(mode="faithful", probabilities=case in PROB_CASES))
+        seg = Segmenter(bundle, backends[backend], SegmentOptions(mode="faithful", probabilities=case in PROB_CASES))
         p = seg.predict(load_volume(shared_data / case))
         runs[backend, case] = (p.labels, p.probabilities)
-    fast = Segmenter(bundle, create_backend(bundle, "onnxruntime", "cpu", 2), SegmentOptions(mode="fast"))
+    fast = Segmenter(bundle, backends["onnxruntime"], SegmentOptions(mode="fast"))
     for case in CASES:
         runs["fast", case] = (fast.predict(load_volume(shared_data / case)).labels, None)
     return runs

@@ -382,10 +382,10 @@ def crowd_cases(tmp_path_factory, small_ct_path) -> Path:
     return src
 
 
-# Three real processes (the registration, claim and clean-up mechanics under heavy churn are
-# test_workers_coming_and_going_never_lose_their_state's, with threads)
-@pytest.mark.parametrize("workers", [3])
-def test_concurrent_workers_share_the_cases(tmp_path, crowd_cases, workers):
+def test_concurrent_workers_share_the_cases(tmp_path, crowd_cases):
+    # three real processes (the registration, claim and clean-up mechanics under heavy churn are
+    # test_workers_coming_and_going_never_lose_their_state's, with threads)
+    workers = 3
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "flare_rt", "segment", str(crowd_cases), str(out), "--threads", "1", *QUICK]
